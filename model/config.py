@@ -1,0 +1,275 @@
+"""TrainConfig: every knob of one training run, with the fixed recipe as defaults.
+
+Defaults live here; YAML study files and `--set key=value` hold only overrides. Values coming
+from text (the command line, YAML 1.1 which reads `1e-4` as a string) go through
+`TrainConfig.from_overrides`, which coerces them to the field's type or refuses them with a
+message that names the key, the value and what is allowed. We never train with a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+# The seed recommends 1e-4..5e-4 and added a warning above that range.
+LR_WARN_ABOVE = 5e-4
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field, the value and what is allowed."""
+
+
+class HighLearningRateWarning(UserWarning):
+    """The seed's "learning rate warning": lr above the recommended 1e-4..5e-4."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of the chorus CNN. Defaults are the seed's *fixed* recipe."""
+
+    # ---- data -------------------------------------------------------------------------
+    data_source: Literal["synthetic"] = "synthetic"
+    """Where songs come from. `synthetic`: generated pop-form songs (no files needed)."""
+    n_songs: int = 64
+    """Number of songs generated (synthetic) before the train/val split."""
+    data_seed: int = 0
+    """Seed of the song generator; fixed across training seeds so runs share one data set."""
+    frames: int = 256
+    """Frames per training window (example length T)."""
+    n_features: int = 64
+    """Feature bands per frame (log-mel-like)."""
+    frame_rate: float = 4.0
+    """Frames per second of the features (4 Hz = 0.25 s hop)."""
+    val_fraction: float = 0.25
+    """Share of songs held out for validation (split by song, never by frame)."""
+
+    # ---- network ----------------------------------------------------------------------
+    hidden_dim: int = 48
+    """Channels of the conv stem and the residual blocks."""
+    n_blocks: int = 3
+    """Residual blocks (two convolutions each)."""
+    kernel_size: int = 5
+    """Temporal kernel of every convolution (odd, 'same' padding)."""
+    dropout: float = 0.1
+    """Dropout inside each residual block."""
+    norm: Literal["layer", "batch"] = "layer"
+    """`layer`: LayerNorm on [B,T,C] (fixed). `batch`: BatchNorm1d with [B,T,C]->[B,C,T] transposes (broken)."""
+    residual_scale: float = 1.0
+    """Multiplier of the identity path, x = f(x) + s * residual. 1.0 is standard; the seed had 0.05/0.1."""
+    input_norm: bool = True
+    """Pre-normalise the input: standardise each band over the valid frames of the window."""
+    classifier_bias: tuple[float, float] = (0.0, 0.0)
+    """Initial classifier bias as [verse, chorus]. The seed's broken init was verse-biased (0.02, 0.0)."""
+
+    # ---- optimisation -----------------------------------------------------------------
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer. `sgd` uses momentum 0.9."""
+    lr: float = 5e-4
+    """Learning rate. Above 5e-4 a HighLearningRateWarning is emitted (the seed's warning)."""
+    weight_decay: float = 1e-4
+    """Weight decay (decoupled for adamw)."""
+    epochs: int = 8
+    """Epochs; validation runs after each."""
+    steps_per_epoch: int = 40
+    """Optimizer steps per epoch (each step draws random windows from the training songs)."""
+    batch_size: int = 16
+    """Windows per step."""
+    grad_clip: Optional[float] = 0.5
+    """Max total grad norm for clipping; None = off. The pre-clip norm is logged either way."""
+    param_clamp: Optional[float] = None
+    """Clamp every parameter to [-c, c] after each step; None = off. The seed's broken code used 0.5."""
+    nonfinite: Literal["stop", "skip", "zero"] = "stop"
+    """On a non-finite loss or grad norm: `stop` the run, `skip` the update, or `zero` the
+    non-finite gradient entries and step (the seed's "NaN zeroing")."""
+
+    # ---- run --------------------------------------------------------------------------
+    seed: int = 0
+    """Seed of initialisation, window sampling and dropout."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        positive_ints = ("n_songs", "frames", "n_features", "hidden_dim", "n_blocks",
+                         "kernel_size", "epochs", "steps_per_epoch", "batch_size")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size: must be odd (for 'same' padding), got {self.kernel_size}")
+        if self.n_songs < 2:
+            raise ConfigError(f"n_songs: need at least 2 (one to train, one to validate), got {self.n_songs}")
+        _check_range("val_fraction", self.val_fraction, 0.0, 1.0, open_=True)
+        _check_range("dropout", self.dropout, 0.0, 1.0, open_hi=True)
+        for name in ("frame_rate", "lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
+        if not math.isfinite(self.residual_scale):
+            raise ConfigError(f"residual_scale: must be finite, got {self.residual_scale!r}")
+        for name in ("grad_clip", "param_clamp"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a number > 0 or null (off), got {v!r}")
+        if len(self.classifier_bias) != 2 or not all(math.isfinite(b) for b in self.classifier_bias):
+            raise ConfigError(f"classifier_bias: must be two finite numbers [verse, chorus], "
+                              f"got {list(self.classifier_bias)!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.lr > LR_WARN_ABOVE:
+            warnings.warn(f"lr={self.lr:g} is above the recommended 1e-4..5e-4 for this CNN",
+                          HighLearningRateWarning, stacklevel=3)
+
+    # ---- construction from text / YAML --------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], base: "TrainConfig | None" = None,
+                       where: str = "") -> "TrainConfig":
+        """Defaults (or `base`) with `overrides` applied; values are coerced to each field's type.
+
+        `where` prefixes error messages (e.g. "studies/x.yaml: base.") so they name the source.
+        """
+        names = cls.field_names()
+        coerced = {}
+        for key, value in overrides.items():
+            if key not in names:
+                raise ConfigError(f"{where}{key}: unknown setting; allowed: {', '.join(names)}")
+            coerced[key] = coerce_field(key, value, where)
+        try:
+            return dataclasses.replace(base, **coerced) if base else cls(**coerced)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able values (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["classifier_bias"] = list(self.classifier_bias)
+        return d
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _field_type(name: str) -> Any:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    return _HINTS[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    if origin is tuple:
+        return "a list [verse, chorus] of two numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce_field(name: str, value: Any, where: str = "") -> Any:
+    """Turn `value` (possibly text) into the type of TrainConfig field `name`, or raise ConfigError."""
+    tp = _field_type(name)
+    try:
+        return _coerce(tp, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}{name}: must be {_describe(tp)}, got {value!r}") from None
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ValueError(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off", "")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(value)
+        return tuple(_coerce(float, v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            f = float(value)
+            if f.is_integer():
+                return int(f)
+        raise ValueError(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string: take the number meant
+            return float(value)
+        raise ValueError(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(value)
+    raise TypeError(tp)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Direct construction (not via from_overrides) must not smuggle in strings either:
+    text is coerced only by from_overrides; here values must already have the field's type."""
+    for f in dataclasses.fields(cfg):
+        v, tp = getattr(cfg, f.name), _field_type(f.name)
+        text_ok = tp is str or typing.get_origin(tp) is Literal
+        try:
+            if isinstance(v, str) and not text_ok:
+                raise ValueError(v)
+            coerced = _coerce(tp, v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f.name}: must be {_describe(tp)}, got {v!r}") from None
+        object.__setattr__(cfg, f.name, coerced)  # e.g. int -> float, list -> tuple
+
+
+def _check_range(name: str, v: float, lo: float, hi: float, open_: bool = False,
+                 open_hi: bool = False) -> None:
+    ok = math.isfinite(v) and (lo < v < hi if open_ else lo <= v < hi if open_hi else lo <= v <= hi)
+    if not ok:
+        interval = f"({lo}, {hi})" if open_ else f"[{lo}, {hi})" if open_hi else f"[{lo}, {hi}]"
+        raise ConfigError(f"{name}: must be in {interval}, got {v!r}")
+
+
+def resolve_device(spec: str) -> str:
+    """`auto` -> `cuda` when a GPU is present, else `cpu`. Imported lazily to keep config torch-free."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {spec!r} asked for but CUDA is not available here; use auto or cpu")
+    return spec
