@@ -72,17 +72,136 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _load_spec(path: str):
+    from ablations.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        raise _BadInput(str(e)) from None
+
+
+def cmd_fixes(args: argparse.Namespace) -> int:
+    from ablations.fixes import table
+
+    print(table())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ablations.execute import StoreError, launch
+
+    spec = _load_spec(args.study)
+    if args.workers < 1:
+        raise _BadInput(f"--workers {args.workers}: must be >= 1")
+    try:
+        res = launch(spec, args.storage, args.tracking_uri, args.workers)
+    except StoreError as e:
+        raise _BadInput(str(e)) from None
+    _print_summary(spec, res.summary)
+    print(f"\n{res.done}/{res.total} runs done"
+          + (f", {res.gave_up} given up after {spec.retries} retries" if res.gave_up else "")
+          + f". Browse: python runner.py ui --tracking-uri {args.tracking_uri} "
+            f"(experiment {spec.name!r}, id {res.experiment_id})")
+    if res.interrupted:
+        return 130
+    return 0 if res.done >= res.total and not res.gave_up else 1
+
+
+def _print_summary(spec, summary: list[dict]) -> None:
+    if not summary:
+        return
+    metric = spec.objective_metric
+    width = max(len("cell"), *(len(c["cell"]) for c in summary))
+    print(f"\n{'cell':<{width}}  runs  {'converged/recovered/collapsed/diverged':<38}  "
+          f"{metric} mean ± sd")
+    for c in summary:
+        st = c["statuses"]
+        counts = "/".join(str(st.get(k, 0)) for k in ("converged", "recovered", "collapsed", "diverged"))
+        print(f"{c['cell']:<{width}}  {c['runs']:>4}  {counts:<38}  {_fmt(c['mean'])} ± {_fmt(c['sd'])}")
+    print(f"(a diverged run's {metric} counts as {spec.diverged_value():g})")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ablations.execute import StoreError, study_status
+
+    spec = _load_spec(args.study)
+    try:
+        st = study_status(spec, args.storage)
+    except StoreError as e:
+        raise _BadInput(str(e)) from None
+    print(f"study {st['study']}: {st['done']}/{st['total']} done, {st['running']} running, "
+          f"{st['queued']} queued, {st['given_up']} failed (given up), "
+          f"{st['failed_attempts']} failed attempts, {st['diverged']} diverged; "
+          f"ETA {st['eta_s'] / 60:.1f} min")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ablations.execute import Progress, StoreError, WorkerContext, work
+
+    spec = _load_spec(args.study)
+    ctx = WorkerContext(spec, args.storage, args.tracking_uri, parent_run_id=None)
+    try:
+        n = work(ctx, on_done=Progress(total=0, already=0, workers=1))
+    except KeyError:
+        raise _BadInput(f"study {spec.name!r} not found in {args.storage}; start it with "
+                        f"`python runner.py run {args.study} --storage ...` first") from None
+    except StoreError as e:
+        raise _BadInput(str(e)) from None
+    print(f"worker done: {n} runs executed; no queued run left")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ablations.ui import serve
+
+    return serve(args.tracking_uri, args.port, args.study)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ablations.execute import DEFAULT_STORAGE, DEFAULT_TRACKING
+
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stores(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://... to "
+                             f"share a study between machines)")
+        sp.add_argument("--tracking-uri", default=DEFAULT_TRACKING,
+                        help=f"MLflow tracking URI (default {DEFAULT_TRACKING})")
+
+    r = sub.add_parser("run", help="run (or resume) a study file")
+    r.add_argument("study", help="study file, e.g. studies/quick.yaml")
+    r.add_argument("--workers", type=int, default=1, help="local worker processes (cores are split)")
+    stores(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="done / running / failed / queued runs of a study")
+    s.add_argument("study")
+    s.add_argument("--storage", default=DEFAULT_STORAGE)
+    s.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("worker", help="join a running study (from any machine) until no run is left")
+    w.add_argument("study")
+    stores(w)
+    w.set_defaults(func=cmd_worker)
+
+    f = sub.add_parser("fixes", help="the seed's fixes as a table")
+    f.set_defaults(func=cmd_fixes)
 
     t = sub.add_parser("train", help="train one configuration (defaults = the fixed recipe)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, e.g. --set lr=1e-3 --set norm=batch")
     t.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("ui", help="MLflow UI for the study store, on 127.0.0.1")
+    u.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--study", default=None, help="study name, to print its experiment's URL")
+    u.set_defaults(func=cmd_ui)
     return p
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,9 +83,10 @@ class TrainConfig:
     """Max total grad norm for clipping; None = off. The pre-clip norm is logged either way."""
     param_clamp: Optional[float] = None
     """Clamp every parameter to [-c, c] after each step; None = off. The seed's broken code used 0.5."""
-    nonfinite: Literal["stop", "skip", "zero"] = "stop"
+    nonfinite: Literal["stop", "skip", "zero"] = "zero"
     """On a non-finite loss or grad norm: `stop` the run, `skip` the update, or `zero` the
-    non-finite gradient entries and step (the seed's "NaN zeroing")."""
+    non-finite gradient entries and step (the seed's "NaN zeroing", part of its fixed recipe).
+    Parameters that went non-finite end the run under every policy."""
 
     # ---- run --------------------------------------------------------------------------
     seed: int = 0

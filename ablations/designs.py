@@ -1,0 +1,219 @@
+"""Designs: which cells (combinations of factor values) a study trains.
+
+A cell is one combination; a run is cell x seed; a run's key is a stable hash of its resolved
+TrainConfig, so the same run always has the same key whatever study or launch enqueues it.
+
+  full_factorial        every combination of every factor's values
+  one_at_a_time         add-one-in from the "before" state of every factor (for fixes: the broken
+                        recipe) and leave-one-out from the "after" state (the fixed recipe); the
+                        two end points are shared: 2k + 2 cells for k two-level factors
+  fractional_factorial  2^(k-p) two-level design from the minimum-aberration generators of
+                        Box, Hunter & Hunter (Montgomery, Table 8.14); only designs of resolution
+                        >= IV are allowed, so main effects are not aliased with two-factor
+                        interactions
+  search                cells sampled by Optuna (TPE or random); built in execute.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ablations.spec import Factor, StudySpec
+from model.config import HighLearningRateWarning, TrainConfig
+
+LETTERS = "ABCDEFGHJKLMNOPQRSTUVWXYZ"  # I is skipped: it names the identity in a defining relation
+
+# (k, p) -> generators of the added factors, in base-factor letters (minimum aberration,
+# resolution >= IV only). For p = 1 the last factor is the product of all others (resolution k).
+GENERATORS: dict[tuple[int, int], list[str]] = {
+    (6, 2): ["ABC", "BCD"],
+    (7, 2): ["ABCD", "ABDE"],
+    (7, 3): ["ABC", "BCD", "ACD"],
+    (8, 2): ["ABCD", "ABEF"],
+    (8, 3): ["ABC", "ABD", "BCDE"],
+    (8, 4): ["BCD", "ACD", "ABC", "ABD"],
+    (9, 2): ["ACDFG", "BCEFG"],
+    (9, 3): ["ABCD", "ACEF", "CDEF"],
+    (9, 4): ["BCDE", "ACDE", "ABDE", "ABCE"],
+    (10, 3): ["ABCG", "BCDE", "ACDF"],
+    (10, 4): ["BCDF", "ACDF", "ABDE", "ABCE"],
+    (10, 5): ["ABCD", "ABCE", "ABDE", "ACDE", "BCDE"],
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of factor values; `roles` says what a one-at-a-time cell stands for."""
+
+    assignment: tuple[tuple[str, Any], ...]  # ((factor name, value), ...) in factor order
+    roles: tuple[str, ...] = ()
+
+    @property
+    def cell_id(self) -> str:
+        return stable_hash([[k, _jsonable(v)] for k, v in self.assignment])[:10]
+
+    def values(self) -> dict[str, Any]:
+        return dict(self.assignment)
+
+    def label(self, factors: tuple[Factor, ...]) -> str:
+        """Readable: 'layer_norm=on no_clamp=off lr=0.001'."""
+        by_name = {f.name: f for f in factors}
+        return " ".join(f"{k}={by_name[k].label(v)}" for k, v in self.assignment)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a cell at one seed, with its resolved config."""
+
+    cell: Cell
+    seed: int
+    config: TrainConfig
+
+    @property
+    def run_key(self) -> str:
+        return config_key(self.config)
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """Stable id of a resolved config (12 hex digits of a SHA-256 of its canonical JSON)."""
+    return stable_hash(cfg.to_dict())[:12]
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# ------------------------------------------------------------------------------- designs
+def full_factorial(factors: tuple[Factor, ...]) -> list[Cell]:
+    return [Cell(tuple(zip([f.name for f in factors], combo)))
+            for combo in itertools.product(*[f.values for f in factors])]
+
+
+def _before_after(f: Factor) -> tuple[Any, Any]:
+    """For a fix: off then on, whatever order the file lists. For a field: as listed."""
+    if f.kind == "fix":
+        return False, True
+    return f.values[0], f.values[1]
+
+
+def one_at_a_time(factors: tuple[Factor, ...]) -> list[Cell]:
+    names = [f.name for f in factors]
+    before = [_before_after(f)[0] for f in factors]
+    after = [_before_after(f)[1] for f in factors]
+    cells: dict[tuple, list[str]] = {}
+
+    def add(values: list[Any], role: str) -> None:
+        cells.setdefault(tuple(zip(names, values)), []).append(role)
+
+    add(before, "broken")
+    for i, name in enumerate(names):
+        add(before[:i] + [after[i]] + before[i + 1:], f"add:{name}")
+    add(after, "fixed")
+    for i, name in enumerate(names):
+        add(after[:i] + [before[i]] + after[i + 1:], f"drop:{name}")
+    return [Cell(assign, tuple(roles)) for assign, roles in cells.items()]
+
+
+def fractional_generators(k: int, p: int) -> list[str]:
+    """Generator words (in base letters) of a 2^(k-p) design with resolution >= IV."""
+    if k < 4:
+        raise ValueError(f"a fractional factorial needs at least 4 two-level factors "
+                         f"(a 2^(3-1) design has resolution III), got {k}")
+    if p < 1 or p >= k:
+        raise ValueError(f"fraction p must be in 1..{k - 1} for {k} factors, got {p}")
+    if p == 1:
+        return [LETTERS[:k - 1]]
+    if (k, p) not in GENERATORS:
+        ok = sorted(pp for (kk, pp) in GENERATORS if kk == k)
+        raise ValueError(f"no resolution >= IV 2^({k}-{p}) design; for {k} factors use fraction in "
+                         f"{[1] + ok}")
+    return GENERATORS[(k, p)]
+
+
+def defining_relation(k: int, p: int) -> list[str]:
+    """All words of the defining relation I = ..., each as a sorted string of factor letters."""
+    gens = fractional_generators(k, p)
+    base = k - p
+    words = [frozenset(g) | {LETTERS[base + i]} for i, g in enumerate(gens)]
+    out = set()
+    for r in range(1, p + 1):
+        for combo in itertools.combinations(words, r):
+            w = frozenset()
+            for x in combo:
+                w = w ^ x
+            out.add("".join(sorted(w)))
+    return sorted(out, key=lambda w: (len(w), w))
+
+
+def resolution(k: int, p: int) -> int:
+    return min(len(w) for w in defining_relation(k, p))
+
+
+def fractional_factorial(factors: tuple[Factor, ...], p: int) -> list[Cell]:
+    """Rows of the 2^(k-p) design; factor i takes values[0] at -1 and values[1] at +1."""
+    k = len(factors)
+    gens = fractional_generators(k, p)
+    base = k - p
+    cells = []
+    for signs in itertools.product((-1, 1), repeat=base):
+        col = dict(zip(LETTERS[:base], signs))
+        for i, g in enumerate(gens):
+            s = 1
+            for letter in g:
+                s *= col[letter]
+            col[LETTERS[base + i]] = s
+        assign = []
+        for i, f in enumerate(factors):
+            lo, hi = _before_after(f)
+            assign.append((f.name, hi if col[LETTERS[i]] > 0 else lo))
+        cells.append(Cell(tuple(assign)))
+    return cells
+
+
+def describe_fraction(factors: tuple[Factor, ...], p: int) -> str:
+    """e.g. '2^(6-2) resolution IV: E=ABC, F=BCD (A=bias_init, ...)'."""
+    k = len(factors)
+    gens = fractional_generators(k, p)
+    roman = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
+    res = resolution(k, p)
+    gen_text = ", ".join(f"{LETTERS[k - p + i]}={g}" for i, g in enumerate(gens))
+    names = ", ".join(f"{LETTERS[i]}={f.name}" for i, f in enumerate(factors))
+    return f"2^({k}-{p}) resolution {roman.get(res, res)}: {gen_text} ({names})"
+
+
+def cells(spec: StudySpec) -> list[Cell]:
+    """The cells of a non-search design."""
+    if spec.design == "full_factorial":
+        return full_factorial(spec.factors)
+    if spec.design == "one_at_a_time":
+        return one_at_a_time(spec.factors)
+    if spec.design == "fractional_factorial":
+        return fractional_factorial(spec.factors, spec.fraction)
+    raise ValueError(f"design {spec.design!r} has no fixed cells (cells are sampled)")
+
+
+def resolve(spec: StudySpec, cell: Cell, seed: int) -> TrainConfig:
+    """The TrainConfig of a cell at a seed: baseline fixes, base overrides, factor values, seed."""
+    overrides = dict(spec.base_config_overrides())
+    by_name = {f.name: f for f in spec.factors}
+    for name, value in cell.assignment:
+        overrides.update(by_name[name].overrides(value))
+    overrides["seed"] = seed
+    with warnings.catch_warnings():  # the lr warning is for interactive use, not per cell
+        warnings.simplefilter("ignore", HighLearningRateWarning)
+        return TrainConfig.from_overrides(overrides, where=f"{spec.source}: cell "
+                                                           f"{cell.label(spec.factors)}: ")
+
+
+def runs(spec: StudySpec) -> list[Run]:
+    """Every run of a non-search design, cell-major then seed."""
+    return [Run(c, s, resolve(spec, c, s)) for c in cells(spec) for s in spec.seeds]

@@ -1,0 +1,592 @@
+"""Execution: one Optuna study per study file, every run enqueued once, workers pop runs.
+
+Why not Optuna's GridSampler: under several workers it silently skips and duplicates grid
+points. Instead the launcher enqueues every run (cell x seed) as a fixed trial, once; workers
+only *pop* waiting trials (never ask the sampler for new ones), so each run executes once.
+
+  * a diverged or collapsed run is a result: its trial is COMPLETE, never retried;
+  * an exception marks the trial FAIL with its traceback and re-enqueues the run, at most
+    `retries` times;
+  * Ctrl-C (or SIGTERM) marks the run in flight FAIL/"interrupted" and re-enqueues it;
+    interrupted attempts do not count as crashes;
+  * a worker killed outright leaves its trial RUNNING; its heartbeat stops, and the next launch
+    marks it stale (FAIL) and re-enqueues the run;
+  * running the same command again resumes: runs with a COMPLETE trial are never re-run.
+
+Search designs (TPE / random) are the exception to "enqueue everything": a trial is one sampled
+cell, trained at every seed (one MLflow run each), and its value is the mean over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from ablations import designs
+from ablations.designs import Cell, Run
+from ablations.spec import StudySpec, format_value
+from ablations.tracking import StudyTracker, check_reachable
+from model.config import HighLearningRateWarning, TrainConfig
+from model.train import TrainResult, train
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+DEFAULT_TRACKING = "sqlite:///mlflow.db"  # MLflow's own default store
+HEARTBEAT_S = 10  # a RUNNING trial whose heartbeat is older than GRACE_S is stale
+GRACE_S = 60
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); we rely on them.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class StoreError(RuntimeError):
+    """A storage or tracking store that cannot be opened; one line for the user."""
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna storage with heartbeats (stale-trial detection) and patient SQLite locking."""
+    if url.startswith("sqlite:"):
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}},
+                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    if url.startswith(("postgresql", "mysql")):
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    raise StoreError(f"--storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+
+
+def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.design == "search" and spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, max(2, (spec.trials or 10) // 3)))
+    return optuna.samplers.RandomSampler(seed=0)
+
+
+def load_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
+               create: bool = False) -> optuna.Study:
+    if create:
+        return optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
+                                   direction=spec.direction, sampler=_sampler(spec))
+    return optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec))
+
+
+# --------------------------------------------------------------------------- the queue
+@dataclass
+class QueueState:
+    """Where every run of the plan stands, from the study's trials."""
+
+    done: list[str] = field(default_factory=list)  # run keys with a COMPLETE trial
+    pending: list[str] = field(default_factory=list)  # WAITING or RUNNING
+    gave_up: list[str] = field(default_factory=list)  # crashed more than `retries` times
+    enqueued: list[str] = field(default_factory=list)  # enqueued by this call
+
+
+def _attempts(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Crashed attempts: FAIL trials not caused by an interrupt (stale = a killed worker counts)."""
+    return sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
+
+
+def _trials_by_key(study: optuna.Study) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    out: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("run_key")
+        if key:
+            out.setdefault(key, []).append(t)
+    return out
+
+
+def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+    params: dict[str, Any] = {f.name: f.label(v) for f, (_, v) in zip(spec.factors,
+                                                                      run.cell.assignment)}
+    params["seed"] = run.seed
+    study.enqueue_trial(params, user_attrs={
+        "run_key": run.run_key, "cell_id": run.cell.cell_id,
+        "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
+        "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())})
+
+
+def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run]) -> QueueState:
+    """Mark stale trials failed, then enqueue every run that is neither done, queued nor given up."""
+    optuna.storages.fail_stale_trials(study)
+    by_key = _trials_by_key(study)
+    state = QueueState()
+    for run in plan:
+        ts = by_key.get(run.run_key, [])
+        if any(t.state == TrialState.COMPLETE for t in ts):
+            state.done.append(run.run_key)
+        elif any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
+            state.pending.append(run.run_key)
+        elif _attempts(ts) > spec.retries:
+            state.gave_up.append(run.run_key)
+        else:
+            enqueue_run(study, spec, run, attempt=len(ts) + 1)
+            state.enqueued.append(run.run_key)
+    return state
+
+
+# ------------------------------------------------------------------------------ workers
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything a worker process needs (picklable)."""
+
+    spec: StudySpec
+    storage_url: str
+    tracking_uri: str
+    parent_run_id: Optional[str]
+    deadline: Optional[float] = None  # time.time() after which no new run starts
+    threads: Optional[int] = None
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every HEARTBEAT_S seconds while a run trains."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a missed beat is not worth killing the run over
+                pass
+            self.stop.wait(HEARTBEAT_S)
+
+    def __enter__(self) -> "Heartbeat":
+        enabled = getattr(self.storage, "is_heartbeat_enabled", None)
+        if enabled and enabled():
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+
+
+def objective_value(spec: StudySpec, res: TrainResult) -> float:
+    v = res.outcome()[spec.objective_metric]
+    return v if math.isfinite(v) else spec.diverged_value()
+
+
+def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
+    return f"{cell.label(spec.factors)} | seed {seed}"
+
+
+def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
+                  cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
+    """Train one run with its MLflow child run; the child is failed/killed on any exception."""
+    spec = ctx.spec
+    child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags={
+        "study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
+        "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
+        "run_key": run_key, "optuna_trial": str(trial.number)})
+    trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
+                        child.run_id)
+    try:
+        res = train(cfg, log=child.log)
+        child.finish(res, extra_tags={})
+    except KeyboardInterrupt:
+        child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
+        raise
+    except BaseException:
+        child.fail(traceback.format_exc())
+        raise
+    return res, child.run_id
+
+
+def _tell_failed(study: optuna.Study, trial: optuna.Trial, tb: str, interrupted: bool) -> None:
+    trial.set_user_attr("interrupted", interrupted)
+    trial.set_user_attr("error", tb[-8000:])
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracker,
+                   trial: optuna.Trial) -> dict[str, Any]:
+    """Execute one enqueued run. Returns the trial's user attrs (for progress)."""
+    spec = ctx.spec
+    attrs = dict(trial.user_attrs)
+    for f in spec.factors:  # record the fixed factor values as Optuna params
+        trial.suggest_categorical(f.name, [f.label(v) for v in f.values])
+    trial.suggest_categorical("seed", list(spec.seeds))
+    cfg = _config(attrs["config"])
+    by_name = {f.name: f for f in spec.factors}
+    cell = Cell(tuple((name, _value_of(by_name[name], label))
+                      for name, label in ((f.name, trial.params[f.name]) for f in spec.factors)),
+                tuple(r for r in attrs.get("roles", "").split(",") if r))
+    child_run = None
+    try:
+        res, child_run = _train_logged(ctx, tracker, trial, cfg, cell, attrs["seed"],
+                                       attrs["run_key"])
+    except KeyboardInterrupt:
+        _tell_failed(study, trial, "interrupted", interrupted=True)
+        _requeue(study, spec, attrs)
+        raise
+    except Exception:
+        tb = traceback.format_exc()
+        _tell_failed(study, trial, tb, interrupted=False)
+        if attrs["attempt"] <= spec.retries:
+            _requeue(study, spec, attrs)
+        attrs.update(status="crashed", error=tb.strip().splitlines()[-1])
+        return attrs
+    value = objective_value(spec, res)
+    outcome = {"status": res.status, "objective": value, "wall_time_s": res.wall_time_s,
+               "first_nonfinite_step": res.first_nonfinite_step,
+               **{f"outcome.{k}": v for k, v in res.outcome().items()}}
+    for k, v in outcome.items():
+        trial.set_user_attr(k, v)
+    study.tell(trial, value)
+    tracker.client.set_terminated(child_run, "FINISHED")  # after tell: a FINISHED run is counted
+    attrs.update(outcome)
+    return attrs
+
+
+def _requeue(study: optuna.Study, spec: StudySpec, attrs: dict[str, Any]) -> None:
+    study.enqueue_trial({}, user_attrs={**{k: attrs[k] for k in ("run_key", "cell_id", "cell", "roles",
+                                                                 "seed", "config")},
+                                        "attempt": attrs["attempt"] + 1})
+
+
+def _value_of(factor, label: str) -> Any:
+    for v in factor.values:
+        if factor.label(v) == label:
+            return v
+    raise KeyError(label)
+
+
+def _config(config_json: str) -> TrainConfig:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HighLearningRateWarning)
+        return TrainConfig.from_overrides(json.loads(config_json))
+
+
+def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracker,
+                     trial: optuna.Trial) -> dict[str, Any]:
+    """A search trial: sample a cell, train it at every seed, value = mean objective over seeds."""
+    spec = ctx.spec
+    assignment = []
+    for f in spec.factors:
+        if f.range is None:
+            label = trial.suggest_categorical(f.name, [f.label(v) for v in f.values])
+            assignment.append((f.name, _value_of(f, label)))
+        elif f.range.integer:
+            assignment.append((f.name, trial.suggest_int(f.name, int(f.range.low), int(f.range.high),
+                                                         log=f.range.log)))
+        else:
+            assignment.append((f.name, trial.suggest_float(f.name, f.range.low, f.range.high,
+                                                           log=f.range.log)))
+    cell = Cell(tuple(assignment))
+    attrs: dict[str, Any] = {"cell_id": cell.cell_id, "cell": cell.label(spec.factors),
+                             "seed": "all", "attempt": 1}
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    values, statuses, wall = [], [], 0.0
+    try:
+        for seed in spec.seeds:
+            cfg = designs.resolve(spec, cell, seed)
+            res, child = _train_logged(ctx, tracker, trial, cfg, cell, seed, designs.config_key(cfg))
+            tracker.client.set_terminated(child, "FINISHED")
+            values.append(objective_value(spec, res))
+            statuses.append(res.status)
+            wall += res.wall_time_s
+    except KeyboardInterrupt:
+        _tell_failed(study, trial, "interrupted", interrupted=True)
+        raise
+    except Exception:
+        tb = traceback.format_exc()
+        _tell_failed(study, trial, tb, interrupted=False)
+        attrs.update(status="crashed", error=tb.strip().splitlines()[-1])
+        return attrs
+    value = statistics.fmean(values)
+    status = max(set(statuses), key=statuses.count) if len(set(statuses)) == 1 else "mixed"
+    outcome = {"status": status, "statuses": ",".join(statuses), "objective": value,
+               "wall_time_s": wall, "diverged_runs": statuses.count("diverged")}
+    for k, v in outcome.items():
+        trial.set_user_attr(k, v)
+    study.tell(trial, value)
+    attrs.update(outcome)
+    return attrs
+
+
+def _search_budget_left(study: optuna.Study, spec: StudySpec) -> bool:
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                    TrialState.WAITING))
+    return len(live) < (spec.trials or 0)
+
+
+def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Pop and execute runs until none is left (or the deadline passes). Returns runs executed."""
+    if ctx.threads:
+        import torch
+
+        torch.set_num_threads(ctx.threads)
+    storage = open_storage(ctx.storage_url)
+    study = load_study(ctx.spec, storage)
+    tracker = StudyTracker(ctx.tracking_uri, ctx.spec.name)
+    n = 0
+    while ctx.deadline is None or time.time() < ctx.deadline:
+        trial_id = study._pop_waiting_trial_id()  # Optuna's own atomic pop, without sampling
+        if trial_id is not None:
+            trial = optuna.Trial(study, trial_id)
+        elif ctx.spec.design == "search" and _search_budget_left(study, ctx.spec):
+            trial = study.ask()
+        else:
+            break
+        with Heartbeat(storage, trial._trial_id):
+            if ctx.spec.design == "search":
+                attrs = run_search_trial(ctx, study, tracker, trial)
+            else:
+                attrs = run_grid_trial(ctx, study, tracker, trial)
+        n += 1
+        if on_done:
+            on_done(attrs)
+    return n
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_process(ctx: WorkerContext) -> None:
+    """Entry point of a local worker process (spawned by `launch`)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    warnings.simplefilter("ignore")
+    try:
+        work(ctx)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ------------------------------------------------------------------------------ launch
+@dataclass
+class LaunchResult:
+    total: int
+    done: int
+    gave_up: int
+    interrupted: bool
+    parent_run_id: str
+    experiment_id: str
+    summary: list[dict[str, Any]]
+
+
+class Progress:
+    """One line per finished run, with done/total, diverged so far and an ETA."""
+
+    def __init__(self, total: int, already: int, workers: int, out=sys.stdout):
+        self.total, self.done, self.workers, self.out = total, already, workers, out
+        self.diverged = self.crashed = 0
+        self.t0 = time.time()
+        self.new = 0
+
+    def __call__(self, attrs: dict[str, Any]) -> None:
+        status = attrs.get("status", "?")
+        if status == "crashed":
+            self.crashed += 1
+        else:
+            self.done += 1
+            self.new += 1
+        self.diverged += status == "diverged" or int(attrs.get("diverged_runs", 0) or 0) > 0
+        elapsed = time.time() - self.t0
+        left = self.total - self.done
+        eta = f"{_fmt_s(elapsed / self.new * left)}" if self.new and left > 0 else "-"
+        obj = attrs.get("objective")
+        obj_s = f"{obj:.3f}" if isinstance(obj, float) and math.isfinite(obj) else str(obj)
+        detail = attrs.get("error", "") if status == "crashed" else f"objective {obj_s}"
+        print(f"[{self.done:>{len(str(self.total))}}/{self.total}] {attrs.get('cell')} | seed "
+              f"{attrs.get('seed')}: {status} {detail}  (diverged {self.diverged}, crashed "
+              f"{self.crashed}, ETA {eta})", file=self.out, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def plan_of(spec: StudySpec) -> list[Run]:
+    return [] if spec.design == "search" else designs.runs(spec)
+
+
+def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
+           tracking_uri: str = DEFAULT_TRACKING, workers: int = 1,
+           out=sys.stdout) -> LaunchResult:
+    """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
+    try:
+        check_reachable(tracking_uri)
+    except Exception as e:
+        raise StoreError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    try:
+        storage = open_storage(storage_url)
+        study = load_study(spec, storage, create=True)
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if study.direction.name.lower() != spec.direction:
+        raise StoreError(f"{spec.source}: objective.direction is {spec.direction} but study "
+                         f"{spec.name!r} in {storage_url} was created with "
+                         f"{study.direction.name.lower()}; use another name or storage")
+    plan = plan_of(spec)
+    state = reconcile(study, spec, plan)
+    total = spec.trials if spec.design == "search" else len(plan)
+    already = (len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+               if spec.design == "search" else len(state.done))
+
+    tracker = StudyTracker(tracking_uri, spec.name)
+    desc = spec.description or f"Ablation study {spec.name}"
+    if spec.design == "fractional_factorial":
+        desc += "\n\nDesign: " + designs.describe_fraction(spec.factors, spec.fraction)
+    experiment_id = tracker.ensure_experiment(desc, {"study.design": spec.design,
+                                                     "study.source": spec.source,
+                                                     "optuna.storage": storage_url})
+    parent = tracker.start_launch(
+        f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={"study": spec.name, "design": spec.design, "optuna_storage": storage_url},
+        params={"design": spec.design, "factors": ",".join(f.name for f in spec.factors),
+                "seeds": json.dumps(list(spec.seeds)), "baseline": spec.baseline,
+                "base": json.dumps(spec.base), "objective": f"{spec.objective_metric} "
+                                                             f"({spec.direction})",
+                "runs_total": total, "workers": workers})
+    print(f"study {spec.name}: {spec.design}, {len(spec.factors)} factors, "
+          f"{total} {'trials' if spec.design == 'search' else 'runs'} "
+          f"({already} done, {len(state.pending)} in flight elsewhere, "
+          f"{len(state.gave_up)} given up); {workers} worker(s)", file=out, flush=True)
+
+    deadline = time.time() + spec.minutes * 60 if spec.minutes else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
+                        threads=max(1, (cores or 1) // workers))
+    progress = Progress(total, already, workers, out)
+    interrupted = False
+    try:
+        if workers == 1:
+            work(ctx, on_done=progress)
+        else:
+            _run_processes(ctx, workers, study, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: finished runs are kept, the runs in flight were re-queued; run the "
+              "same command again to resume", file=out, flush=True)
+
+    # Runs that crashed past their retries, and the summary, from the store itself.
+    by_key = _trials_by_key(study)
+    if spec.design == "search":
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done, gave_up = len(complete), 0
+    else:
+        done = sum(any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
+                   for r in plan)
+        gave_up = sum(_attempts(by_key.get(r.run_key, [])) > spec.retries and
+                      not any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
+                      for r in plan)
+    summary = summarize(study, spec)
+    tracker.end_launch(parent, "KILLED" if interrupted else "FINISHED" if done >= total else "FAILED",
+                       {"runs_done": float(done), "runs_total": float(total),
+                        "runs_given_up": float(gave_up)})
+    return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
+
+
+def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
+                   progress: Callable[[dict[str, Any]], None]) -> None:
+    """N local worker processes; the parent reports progress by polling the store."""
+    mp = multiprocessing.get_context("spawn")
+    procs = [mp.Process(target=_worker_process, args=(ctx,), daemon=False) for _ in range(workers)]
+    seen = {t.number for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    for p in procs:
+        p.start()
+
+    def poll() -> None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if t.number not in seen:
+                seen.add(t.number)
+                if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+                    continue
+                attrs = dict(t.user_attrs)
+                if t.state == TrialState.FAIL:
+                    attrs.update(status="crashed", error=str(attrs.get("error", "")).strip()
+                                 .splitlines()[-1:] or "")
+                progress(attrs)
+
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            poll()
+        poll()
+    except KeyboardInterrupt:
+        for p in procs:  # a terminal's Ctrl-C reaches them too; `kill -INT parent` does not
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=60)
+        raise
+
+
+# ------------------------------------------------------------------------------ reading
+def summarize(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
+    """Per cell: runs, status counts, objective mean and sd (current plan's runs only)."""
+    keys = {r.run_key for r in plan_of(spec)}
+    cells: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if spec.design != "search" and t.user_attrs.get("run_key") not in keys:
+            continue
+        c = cells.setdefault(t.user_attrs.get("cell", "?"), {"cell": t.user_attrs.get("cell", "?"),
+                                                            "runs": 0, "values": [],
+                                                            "statuses": {}})
+        c["runs"] += 1
+        c["values"].append(t.value)
+        for s in str(t.user_attrs.get("statuses", t.user_attrs.get("status", "?"))).split(","):
+            c["statuses"][s] = c["statuses"].get(s, 0) + 1
+    out = []
+    for c in cells.values():
+        vals = [v for v in c["values"] if v is not None and math.isfinite(v)]
+        c["mean"] = statistics.fmean(vals) if vals else float("nan")
+        c["sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(c)
+    reverse = spec.direction == "maximize"
+    return sorted(out, key=lambda c: (-c["mean"] if reverse else c["mean"]) if math.isfinite(c["mean"])
+                  else math.inf)
+
+
+def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
+    """Done / running / failed / queued counts, diverged count and an ETA, from the store."""
+    storage = open_storage(storage_url)
+    try:
+        study = load_study(spec, storage)
+    except KeyError:
+        raise StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
+                         f"`python runner.py run {spec.source}`") from None
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    diverged = sum(t.user_attrs.get("status") == "diverged" or
+                   int(t.user_attrs.get("diverged_runs", 0) or 0) > 0 for t in complete)
+    total = spec.trials if spec.design == "search" else len(plan_of(spec))
+    by_key = _trials_by_key(study)
+    gave_up = 0 if spec.design == "search" else sum(
+        _attempts(by_key.get(r.run_key, [])) > spec.retries and
+        not any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
+        for r in plan_of(spec))
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
+                 if t.datetime_complete and t.datetime_start]
+    left = max(0, (total or 0) - len(complete) - gave_up)
+    parallel = max(1, count[TrialState.RUNNING])
+    eta = statistics.fmean(durations) * left / parallel if durations and left else 0.0
+    return {"study": spec.name, "total": total, "done": len(complete),
+            "running": count[TrialState.RUNNING], "queued": count[TrialState.WAITING],
+            "failed_attempts": count[TrialState.FAIL], "given_up": gave_up,
+            "diverged": diverged, "eta_s": eta}

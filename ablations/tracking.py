@@ -1,0 +1,189 @@
+"""MLflow tracking: an experiment per study, a parent run per launch, a child run per run.
+
+Per-step metrics are buffered in memory and written with `log_batch` (never `log_metric` per
+step: 7.6 ms per value on SQLite vs ~0.05 ms batched, measured here), flushed every
+`flush_every` values, at the end and on failure. Non-finite values are not written as metric
+values (they break MLflow's charts); the `nonfinite/events` curve marks the steps instead, and
+the full-resolution curves artifact (curves.csv) keeps every value, NaN included.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from ablations.fixes import FIXES
+from model.config import TrainConfig
+from model.train import TrainResult
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """Commit of the code that ran (with '+dirty' when the tree has changes), or 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fix_states(cfg: TrainConfig) -> dict[str, str]:
+    """on / off / other for every fix, read off the resolved config (so filters work on all fixes)."""
+    d = cfg.to_dict()
+    out = {}
+    for name, fix in FIXES.items():
+        def matches(vals: dict[str, Any]) -> bool:
+            return all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in vals.items())
+        out[name] = "on" if matches(fix.after) else "off" if matches(fix.before) else "other"
+    return out
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Fail fast (before any training) if the tracking store cannot be reached."""
+    client = MlflowClient(tracking_uri)
+    client.search_experiments(max_results=1)
+
+
+class StudyTracker:
+    """The MLflow side of one study: its experiment, launches and runs."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_name = experiment_name
+        exp = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = exp.experiment_id if exp else None
+
+    def ensure_experiment(self, description: str, tags: dict[str, str]) -> str:
+        """Create the experiment once (by the launcher, before workers start)."""
+        if self.experiment_id is None:
+            self.experiment_id = self.client.create_experiment(self.experiment_name)
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
+        for k, v in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, k, v)
+        return self.experiment_id
+
+    def start_launch(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, "kind": "launch", "git_commit": git_commit()})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000])
+                                                       for k, v in params.items()])
+        return run.info.run_id
+
+    def end_launch(self, run_id: str, status: str, summary: Optional[dict[str, float]] = None) -> None:
+        if summary:
+            ts = _now_ms()
+            self.client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in summary.items()
+                                                   if math.isfinite(v)])
+        self.client.set_terminated(run_id, status)
+
+    def start_child(self, parent_run_id: Optional[str], run_name: str, cfg: TrainConfig,
+                    tags: dict[str, str]) -> "ChildRun":
+        all_tags = {**tags, "kind": "run", "git_commit": git_commit(),
+                    **{f"fix.{k}": v for k, v in fix_states(cfg).items()}}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        child = ChildRun(self.client, run.info.run_id)
+        self.client.log_batch(child.run_id, params=[Param(k, json.dumps(v) if isinstance(v, list)
+                                                          else str(v))
+                                                    for k, v in cfg.to_dict().items()])
+        return child
+
+
+class ChildRun:
+    """One run's MLflow run: buffered step metrics, outcome, artifacts. `log` is train()'s logger."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = MAX_BATCH):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.buffer: list[Metric] = []
+        self.rows: list[tuple[int, str, float]] = []  # full-resolution curves, NaN included
+        self.nonfinite_seen = 0
+        self._last_bad_step: Optional[int] = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = _now_ms()
+        bad = 0
+        for k, v in metrics.items():
+            self.rows.append((step, k, v))
+            if math.isfinite(v):
+                self.buffer.append(Metric(k, v, ts, step))
+            else:
+                bad += 1
+        if bad and step != self._last_bad_step:  # one event per step, however many values
+            self._last_bad_step = step
+            self.nonfinite_seen += 1
+            self.buffer.append(Metric("nonfinite/events", float(self.nonfinite_seen), ts, step))
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.buffer:
+            chunk, self.buffer = self.buffer[:MAX_BATCH], self.buffer[MAX_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def finish(self, result: TrainResult, extra_tags: dict[str, str]) -> None:
+        """Everything but the terminal status: outcome metrics, tags, artifacts."""
+        self.flush()
+        ts = _now_ms()
+        outcome = [Metric(f"outcome/{k}", v, ts, result.steps) for k, v in result.outcome().items()
+                   if math.isfinite(v)]
+        first = result.first_nonfinite_step
+        tags = {"status": result.status,
+                "first_nonfinite_step": "" if first is None else str(first), **extra_tags}
+        self.client.log_batch(self.run_id, metrics=outcome,
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_text(self.run_id, self._curves_csv(), "curves.csv")
+        self.client.log_text(self.run_id, _events_csv(result), "nonfinite_events.csv")
+        self.client.log_dict(self.run_id, {"status": result.status, **result.outcome(),
+                                           "events": [asdict(e) for e in result.events]},
+                             "result.json")
+
+    def fail(self, error: str, status: str = "FAILED") -> None:
+        """Keep what was logged, attach the error, mark the run failed/killed."""
+        try:
+            self.flush()
+            self.client.set_tag(self.run_id, "status", "crashed" if status == "FAILED" else "interrupted")
+            self.client.log_text(self.run_id, error, "error.txt")
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+    def terminate(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def _curves_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "metric", "value"])
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+
+def _events_csv(result: TrainResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "epoch", "kind", "action", "loss", "grad_norm"])
+    for e in result.events:
+        w.writerow([e.step, e.epoch, e.kind, e.action, e.loss, e.grad_norm])
+    return buf.getvalue()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
