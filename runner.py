@@ -35,13 +35,14 @@ class _BadInput(Exception):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import ConfigError, HighLearningRateWarning, TrainConfig
+    from model.config import ConfigError, HighLearningRateWarning, TrainConfig, resolve_device
     from model.train import train
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", HighLearningRateWarning)
             cfg = TrainConfig.from_overrides(_parse_sets(args.set), where="--set ")
+        resolve_device(cfg.device)  # e.g. device=cuda on a machine without CUDA
     except ConfigError as e:
         raise _BadInput(str(e)) from None
     for w in caught:

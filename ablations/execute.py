@@ -132,7 +132,7 @@ def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run]) -> QueueSta
         elif _attempts(ts) > spec.retries:
             state.gave_up.append(run.run_key)
         else:
-            enqueue_run(study, spec, run, attempt=len(ts) + 1)
+            enqueue_run(study, spec, run, attempt=_attempts(ts) + 1)
             state.enqueued.append(run.run_key)
     return state
 
@@ -232,13 +232,13 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
                                        attrs["run_key"])
     except KeyboardInterrupt:
         _tell_failed(study, trial, "interrupted", interrupted=True)
-        _requeue(study, spec, attrs)
+        _requeue(study, trial, attrs, crashed=False)
         raise
     except Exception:
         tb = traceback.format_exc()
         _tell_failed(study, trial, tb, interrupted=False)
         if attrs["attempt"] <= spec.retries:
-            _requeue(study, spec, attrs)
+            _requeue(study, trial, attrs, crashed=True)
         attrs.update(status="crashed", error=tb.strip().splitlines()[-1])
         return attrs
     value = objective_value(spec, res)
@@ -253,10 +253,11 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     return attrs
 
 
-def _requeue(study: optuna.Study, spec: StudySpec, attrs: dict[str, Any]) -> None:
-    study.enqueue_trial({}, user_attrs={**{k: attrs[k] for k in ("run_key", "cell_id", "cell", "roles",
-                                                                 "seed", "config")},
-                                        "attempt": attrs["attempt"] + 1})
+def _requeue(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], crashed: bool) -> None:
+    """Queue the run again with the same fixed params; only a crash counts as a new attempt."""
+    keep = ("run_key", "cell_id", "cell", "roles", "seed", "config")
+    study.enqueue_trial(dict(trial.params), user_attrs={
+        **{k: attrs[k] for k in keep}, "attempt": attrs["attempt"] + (1 if crashed else 0)})
 
 
 def _value_of(factor, label: str) -> Any:
@@ -335,11 +336,18 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     storage = open_storage(ctx.storage_url)
     study = load_study(ctx.spec, storage)
     tracker = StudyTracker(ctx.tracking_uri, ctx.spec.name)
+    plan_keys = {r.run_key for r in plan_of(ctx.spec)}
     n = 0
     while ctx.deadline is None or time.time() < ctx.deadline:
         trial_id = study._pop_waiting_trial_id()  # Optuna's own atomic pop, without sampling
         if trial_id is not None:
             trial = optuna.Trial(study, trial_id)
+            if ctx.spec.design != "search" and trial.user_attrs.get("run_key") not in plan_keys:
+                # Queued by another version of the study file: not ours to run or to count.
+                trial.set_user_attr("orphaned", "not a run of the current study file")
+                trial.set_user_attr("interrupted", True)
+                study.tell(trial, state=TrialState.FAIL)
+                continue
         elif ctx.spec.design == "search" and _search_budget_left(study, ctx.spec):
             trial = study.ask()
         else:
@@ -517,8 +525,8 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
                     continue
                 attrs = dict(t.user_attrs)
                 if t.state == TrialState.FAIL:
-                    attrs.update(status="crashed", error=str(attrs.get("error", "")).strip()
-                                 .splitlines()[-1:] or "")
+                    lines = str(attrs.get("error", "")).strip().splitlines()
+                    attrs.update(status="crashed", error=lines[-1] if lines else "")
                 progress(attrs)
 
     try:

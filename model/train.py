@@ -38,7 +38,7 @@ class NonFiniteEvent:
 
     step: int
     epoch: int
-    kind: str  # "loss" | "grad_norm" | "params"
+    kind: str  # "loss" | "grad_norm" | "params" | "val_outputs"
     action: str  # "stopped" | "skipped" | "zeroed"
     loss: float
     grad_norm: float
@@ -181,6 +181,17 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
             break
         res.epochs = epoch
         counts = evaluate(model, val_batches, device)
+        if not math.isfinite(counts.loss()):
+            # Parameters may be finite yet so large that the outputs are not (seen with skip/zero
+            # at huge lr): the model is dead whatever the policy. That is divergence.
+            res.nonfinite_events += 1
+            res.first_nonfinite_step = res.first_nonfinite_step or step
+            kind = "val_outputs" if params_finite(params) else "params"
+            res.events.append(NonFiniteEvent(step, epoch, kind, "stopped",
+                                             counts.loss(), res.final_grad_norm))
+            log({"val/loss": counts.loss()}, step)
+            stopped = True
+            break
         f1 = counts.f1() if math.isfinite(counts.loss()) else float("nan")
         res.final_val_loss, res.final_val_f1 = counts.loss(), f1
         res.final_val_chorus_pct, res.final_val_accuracy = counts.chorus_pct(), counts.accuracy()
