@@ -6,7 +6,8 @@ TrainConfig, so the same run always has the same key whatever study or launch en
   full_factorial        every combination of every factor's values
   one_at_a_time         add-one-in from the "before" state of every factor (for fixes: the broken
                         recipe) and leave-one-out from the "after" state (the fixed recipe); the
-                        two end points are shared: 2k + 2 cells for k two-level factors
+                        two end points are shared: 2k + 2 cells for k >= 3 two-level factors
+                        (fewer for k <= 2, where add-one-in and leave-one-out cells coincide)
   fractional_factorial  2^(k-p) two-level design from the minimum-aberration generators of
                         Box, Hunter & Hunter (Montgomery, Table 8.14); only designs of resolution
                         >= IV are allowed, so main effects are not aliased with two-factor

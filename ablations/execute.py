@@ -19,6 +19,8 @@ cell, trained at every seed (one MLflow run each), and its value is the mean ove
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import multiprocessing
@@ -31,7 +33,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import optuna
 from optuna.storages import RDBStorage
@@ -52,6 +54,8 @@ GRACE_S = 60
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); we rely on them.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# We keep our own heartbeat thread around study.ask(); Optuna warns that ask() has none.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 class StoreError(RuntimeError):
@@ -67,6 +71,27 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
                           heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     raise StoreError(f"--storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+
+
+@contextlib.contextmanager
+def queue_lock(storage_url: str) -> Iterator[None]:
+    """Serialise popping a queued trial between local processes on SQLite.
+
+    Optuna pops with SELECT ... FOR UPDATE, which SQLite ignores: two processes can claim the same
+    waiting trial (measured: 2 workers ran 1 of 8 runs twice, then one crashed). SQLite is a
+    single-machine store, so a file lock beside the database makes the pop atomic. PostgreSQL
+    and MySQL honour FOR UPDATE and need nothing.
+    """
+    if not storage_url.startswith("sqlite:///"):
+        yield
+        return
+    path = storage_url[len("sqlite:///"):] + ".lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -321,10 +346,18 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
     return attrs
 
 
+def _complete(study: optuna.Study, run_key: str) -> bool:
+    return any(t.user_attrs.get("run_key") == run_key
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
 def _search_budget_left(study: optuna.Study, spec: StudySpec) -> bool:
-    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
-                                                    TrialState.WAITING))
-    return len(live) < (spec.trials or 0)
+    """Trials left to sample: `trials` live ones, and each slot gets 1 + `retries` attempts."""
+    trials = study.get_trials(deepcopy=False)
+    live = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+               for t in trials)
+    crashed = _attempts(trials)
+    return live < (spec.trials or 0) and crashed < (spec.trials or 0) * (1 + spec.retries)
 
 
 def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None) -> int:
@@ -339,15 +372,19 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     plan_keys = {r.run_key for r in plan_of(ctx.spec)}
     n = 0
     while ctx.deadline is None or time.time() < ctx.deadline:
-        trial_id = study._pop_waiting_trial_id()  # Optuna's own atomic pop, without sampling
+        with queue_lock(ctx.storage_url):
+            trial_id = study._pop_waiting_trial_id()  # Optuna's own pop, without sampling
         if trial_id is not None:
             trial = optuna.Trial(study, trial_id)
-            if ctx.spec.design != "search" and trial.user_attrs.get("run_key") not in plan_keys:
-                # Queued by another version of the study file: not ours to run or to count.
-                trial.set_user_attr("orphaned", "not a run of the current study file")
-                trial.set_user_attr("interrupted", True)
-                study.tell(trial, state=TrialState.FAIL)
-                continue
+            if ctx.spec.design != "search":
+                key = trial.user_attrs.get("run_key")
+                why = ("not a run of the current study file" if key not in plan_keys else
+                       "this run already has a COMPLETE trial" if _complete(study, key) else None)
+                if why:  # never run or count a run twice
+                    trial.set_user_attr("skipped", why)
+                    trial.set_user_attr("interrupted", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
         elif ctx.spec.design == "search" and _search_budget_left(study, ctx.spec):
             trial = study.ask()
         else:
@@ -571,12 +608,19 @@ def summarize(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
 
 def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     """Done / running / failed / queued counts, diverged count and an ETA, from the store."""
-    storage = open_storage(storage_url)
+    missing = StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
+                         f"`python runner.py run {spec.source}`")
+    if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
+        raise missing  # and do not leave an empty database behind
     try:
-        study = load_study(spec, storage)
+        study = load_study(spec, open_storage(storage_url))
     except KeyError:
-        raise StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
-                         f"`python runner.py run {spec.source}`") from None
+        raise missing from None
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}

@@ -349,6 +349,13 @@ def _parse_factor(name: str, spec: Any, key: str, err, design: str) -> Factor:
             raise err(f"{key}.log", f"must be true or false, got {log!r}")
         if log and low <= 0:
             raise err(key, f"a log range needs low > 0, got {low!r}")
+        for end in (low, high):  # both ends must be valid values, as list values must
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", HighLearningRateWarning)
+                    TrainConfig.from_overrides({name: end})
+            except ConfigError as e:
+                raise err(key, f"range end {format_value(end)}: {str(e)}") from None
         return Factor(name, "field", (), Range(float(low), float(high), log, isinstance(low, int)))
     if not isinstance(spec, list) or len(spec) < 2:
         raise err(key, f"takes a list of at least two values, got {spec!r}")

@@ -11,18 +11,20 @@ Tables go to stdout (Markdown); one progress line per run goes to stderr.
 
 1. Baselines on the validation songs: constant-chorus F1 and a per-frame linear classifier.
 2. Recipes, seeds 0..N-1 each (--seeds, default 5):
-     fixed        TrainConfig() defaults (the seed's fixed recipe)
+     fixed        TrainConfig() defaults (the seed's fixed recipe; nonfinite is now "zero")
      all-broken   classifier_bias=(0.02,0), param_clamp=0.5, residual_scale=0.1, norm=batch,
                   grad_clip=1.0, lr=1e-3, input_norm=False, nonfinite=stop
-     -<fix>       leave-one-out: the fixed recipe with that one fix turned off
+     -<fix>       leave-one-out: the fixed recipe with that one fix turned off (the seven fixes
+                  of the brief, plus nan_zeroing -> nonfinite=stop since it is a default now)
    Columns: status counts, final val/chorus_f1 mean ± sd over the runs that did not diverge
-   (a diverged run has no F1; how many diverged is in the counts), mean max pre-clip grad norm,
-   mean wall seconds of train().
-3. Learning-rate ladder (1e-4 .. 10), --ladder-seeds seeds each (default min(3, --seeds)):
+   (a diverged run has no F1; how many diverged is in the counts; a non-diverged run whose F1
+   is NaN is counted apart), mean max pre-clip grad norm, mean wall seconds of train() (wall
+   time on a shared machine: the load average at start and end is printed).
+3. Learning-rate ladder (1e-4 .. 10; the non-finite policy is each family's own), --ladder-seeds seeds each (default min(3, --seeds)):
      fixed, adamw, grad_clip=None    fixed, sgd (momentum 0.9), grad_clip=None
      all-broken, adamw (as defined: grad_clip=1.0)    all-broken, adamw, grad_clip=None
-   Columns: status counts, mean F1 (non-diverged), the first non-finite step of each seed
-   ('-' = none), mean max grad norm. Nothing is tuned to produce a NaN: this is what happens.
+   Columns: status counts, mean F1 (non-diverged), per seed the first non-finite step and how
+   many steps were non-finite ('-' = none), mean max grad norm (finite steps only). Nothing is tuned to produce a NaN: this is what happens.
 
 HighLearningRateWarning is silenced here (the ladder is above the warning threshold on purpose).
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -42,7 +45,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.baselines import constant_chorus_f1, linear_frame_f1  # noqa: E402
-from model.config import HighLearningRateWarning, TrainConfig  # noqa: E402
+import torch  # noqa: E402
+
+from model.config import HighLearningRateWarning, TrainConfig, resolve_device  # noqa: E402
 from model.data import make_data  # noqa: E402
 from model.train import TrainResult, train  # noqa: E402
 
@@ -60,10 +65,20 @@ FIXES: list[tuple[str, dict[str, Any]]] = [
     ("clip_0_5", dict(grad_clip=1.0)),
     ("low_lr", dict(lr=1e-3)),
     ("input_norm", dict(input_norm=False)),
+    # Not in the original list of seven: TrainConfig's default became nonfinite="zero" (the seed's
+    # "NaN zeroing", ablations/fixes.py `nan_zeroing`), so leaving it out means nonfinite="stop".
+    ("nan_zeroing", dict(nonfinite="stop")),
 ]
 LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]
 QUICK_LADDER = [1e-3, 1e-1, 10.0]
 STATUSES = ("converged", "recovered", "collapsed", "diverged")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def run_many(label: str, overrides: dict[str, Any], seeds: list[int], data) -> list[TrainResult]:
@@ -84,13 +99,26 @@ def counts(results: list[TrainResult]) -> str:
 
 
 def f1_cell(results: list[TrainResult]) -> str:
-    f1 = [r.final_val_f1 for r in results if r.status != "diverged" and math.isfinite(r.final_val_f1)]
+    """mean ± sd of final F1 over non-diverged runs with a finite F1. Non-diverged runs whose F1
+    is NaN (final validation loss non-finite although the parameters stayed finite) are counted
+    separately, never averaged in and never hidden."""
+    live = [r for r in results if r.status != "diverged"]
+    f1 = [r.final_val_f1 for r in live if math.isfinite(r.final_val_f1)]
     n_div = sum(r.status == "diverged" for r in results)
-    div = f"; {n_div} diverged" if n_div else ""
+    n_nan = len(live) - len(f1)
+    notes = (f"; {n_div} diverged" if n_div else "") + (
+        f"; {n_nan} not diverged but F1 NaN" if n_nan else "")
     if not f1:
-        return f"- (n=0{div})"
+        return f"- (n=0{notes})"
     sd = f"{statistics.stdev(f1):.3f}" if len(f1) > 1 else "-"
-    return f"{statistics.fmean(f1):.3f} ± {sd} (n={len(f1)}{div})"
+    return f"{statistics.fmean(f1):.3f} ± {sd} (n={len(f1)}{notes})"
+
+
+def nonfinite_cell(results: list[TrainResult]) -> str:
+    """Per seed: first non-finite step and, in brackets, the number of non-finite steps."""
+    return ", ".join("-" if r.first_nonfinite_step is None
+                     else f"{r.first_nonfinite_step} ({r.nonfinite_events}/{r.steps})"
+                     for r in results)
 
 
 def mean_finite(values: list[float], fmt: str = ".3g") -> str:
@@ -115,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(base)
     n_train, n_val = len(data.train), len(data.val)
     print(f"# Recipes: {n_train} train / {n_val} val synthetic songs (data_seed {base.data_seed}), "
-          f"{base.epochs} epochs x {base.steps_per_epoch} steps, batch {base.batch_size}x{base.frames}")
+          f"{base.epochs} epochs x {base.steps_per_epoch} steps, batch {base.batch_size}x{base.frames}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {resolve_device(base.device)}")
+    print(f"fixed recipe = TrainConfig() defaults: {base.to_dict()}")
+    print(f"load average at start: {_load()}")
     print()
     print("## Baselines (validation songs)")
     print()
@@ -152,23 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         ("all-broken, adamw, as defined (grad_clip=1.0)", dict(BROKEN, optimizer="adamw")),
         ("all-broken, adamw, grad_clip=None", dict(BROKEN, optimizer="adamw", grad_clip=None)),
     ]
-    print(f"## Learning-rate ladder ({ladder_seeds} seeds each: {lseeds[0]}..{lseeds[-1]}; "
-          f"nonfinite=stop)")
+    print(f"## Learning-rate ladder ({ladder_seeds} seeds each: {lseeds[0]}..{lseeds[-1]})")
     print()
     for fam, over in families:
         print(f"### {fam}")
         print()
-        print("| lr | status counts | final val F1 | first non-finite step per seed | "
-              "mean max grad norm |")
+        print(f"nonfinite={dataclasses.replace(TrainConfig(), **over).nonfinite}")
+        print()
+        print("| lr | status counts | final val F1 | first non-finite step (non-finite steps/steps) "
+              "per seed | mean max grad norm |")
         print("|---:|---|---|---|---:|")
         for lr in lrs:
             res = run_many(f"{fam[:22]} lr={lr:g}", dict(over, lr=lr), lseeds, data)
-            first = ",".join("-" if r.first_nonfinite_step is None else str(r.first_nonfinite_step)
-                             for r in res)
-            print(f"| {lr:g} | {counts(res)} | {f1_cell(res)} | {first} | "
+            print(f"| {lr:g} | {counts(res)} | {f1_cell(res)} | {nonfinite_cell(res)} | "
                   f"{mean_finite([r.max_grad_norm for r in res])} |", flush=True)
         print(flush=True)
-    print(f"total time {time.perf_counter() - t_all:.0f} s")
+    print(f"total time {time.perf_counter() - t_all:.0f} s; load average at end: {_load()} "
+          f"(wall seconds are inflated by other work on a shared machine)")
     return 0
 
 
