@@ -18,6 +18,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -100,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise _BadInput(str(e)) from None
     _print_summary(spec, res.summary)
+    if res.done and not args.no_report:
+        _report(spec, args.study, args.tracking_uri, Path(args.report_dir or f"reports/{spec.name}"))
     print(f"\n{res.done}/{res.total} runs done"
           + (f", {res.gave_up} given up after {spec.retries} retries" if res.gave_up else "")
           + f". Browse: python runner.py ui --tracking-uri {args.tracking_uri} "
@@ -121,6 +124,30 @@ def _print_summary(spec, summary: list[dict]) -> None:
         counts = "/".join(str(st.get(k, 0)) for k in ("converged", "recovered", "collapsed", "diverged"))
         print(f"{c['cell']:<{width}}  {c['runs']:>4}  {counts:<38}  {_fmt(c['mean'])} ± {_fmt(c['sd'])}")
     print(f"(a diverged run's {metric} counts as {spec.diverged_value():g})")
+
+
+def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
+    """Write the report; a failure here never loses the study's results (they are stored)."""
+    from ablations import analysis, report
+
+    try:
+        rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_keys(spec_path),
+                                  design=spec.design, objective=spec.objective_metric)
+        parent = report.log_to_mlflow(spec.name, tracking_uri, out)
+    except Exception as e:  # noqa: BLE001 - reported in one line, results are safe
+        print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
+        return False
+    print(f"\nverdicts ({len(rep.runs)} runs):")
+    print("\n".join(report.verdict_lines(rep)))
+    print(f"report: {rep.markdown} ({len(rep.figures)} figures)"
+          + (f"; logged to MLflow run {parent}" if parent else ""))
+    return True
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.study)
+    ok = _report(spec, args.study, args.tracking_uri, Path(args.out or f"reports/{spec.name}"))
+    return 0 if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -176,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) a study file")
     r.add_argument("study", help="study file, e.g. studies/quick.yaml")
     r.add_argument("--workers", type=int, default=1, help="local worker processes (cores are split)")
+    r.add_argument("--report-dir", default=None, help="where the report goes (default reports/NAME)")
+    r.add_argument("--no-report", action="store_true", help="skip the report at the end")
     stores(r)
     r.set_defaults(func=cmd_run)
 
@@ -188,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("study")
     stores(w)
     w.set_defaults(func=cmd_worker)
+
+    rp = sub.add_parser("report", help="effects, verdicts and figures of a study (from MLflow)")
+    rp.add_argument("study")
+    rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    rp.add_argument("--out", default=None, help="output folder (default reports/NAME)")
+    rp.set_defaults(func=cmd_report)
 
     f = sub.add_parser("fixes", help="the seed's fixes as a table")
     f.set_defaults(func=cmd_fixes)

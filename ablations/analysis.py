@@ -1,0 +1,471 @@
+"""Read a study back from MLflow and measure what each fix did, with confidence intervals.
+
+    runs = load_runs("quick", "sqlite:///mlflow.db")          # one row per run
+    curves = load_curves("quick", ["train/loss"], "sqlite:///mlflow.db")   # long format
+    effects = main_effects(runs, factor_names(runs))
+
+How runs are counted
+  * one row per run_key (cell x seed): crashed and interrupted attempts (MLflow status FAILED /
+    KILLED) are excluded, and if a run was ever recorded twice only the latest FINISHED one counts;
+  * diverged and collapsed runs stay in every table: divergence and collapse are outcomes (rates);
+  * F1 of a diverged run counts as 0: its model outputs NaN and predicts no chorus frame.
+    `final_val_loss` and `max_grad_norm` of a diverged run are not measurable: those effects are
+    computed over the pairs where both runs are finite, and the number left out is reported;
+  * `first_nonfinite_step` of a run that never went non-finite is censored at its step count.
+
+Effects (on minus off, or level minus the first level of a field factor) are paired: each run is
+matched with the run that differs only in that factor (same other factors, same seed). Where the
+design has no such partner (fractional factorial), the effect is the difference of the two arms'
+means, which a balanced two-level design estimates without bias. 95 % CIs are bootstrap CIs
+(scipy.stats.bootstrap, BCa; percentile where BCa is undefined) over pairs or runs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from ablations.fixes import FIXES
+
+OUTCOMES = {
+    # name: (column, better, description)
+    "diverged": ("diverged", "lower", "divergence rate"),
+    "collapsed": ("collapsed", "lower", "collapse rate"),
+    "final_val_f1": ("final_val_f1", "higher", "final val/chorus_f1 (diverged = 0)"),
+    "best_val_f1": ("best_val_f1", "higher", "best val/chorus_f1 (diverged = 0 if never validated)"),
+    "final_val_loss": ("final_val_loss", "lower", "final val/loss (finite runs)"),
+    "max_grad_norm": ("max_grad_norm", "lower", "max pre-clip grad norm (finite runs)"),
+    "first_nonfinite_step": ("first_nonfinite_step", "higher",
+                             "first non-finite step (never = censored at the run's steps)"),
+}
+# One artifact download per run: MLflow's per-download progress bars would flood notebooks.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+RUN_COLUMNS = ["run_id", "run_key", "cell", "cell_id", "seed", "status", "roles", "start_time"]
+
+
+# ------------------------------------------------------------------------------ loading
+def _client(tracking_uri: Optional[str]) -> MlflowClient:
+    return MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+
+
+def _experiment_id(client: MlflowClient, study: str) -> str:
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise KeyError(f"no MLflow experiment named {study!r} in {client.tracking_uri}")
+    return exp.experiment_id
+
+
+def parse_cell(cell: str) -> dict[str, object]:
+    """'bias_init=on lr=0.001' -> {'bias_init': True, 'lr': 0.001}."""
+    out: dict[str, object] = {}
+    for part in cell.split():
+        k, _, v = part.partition("=")
+        if k in FIXES and v in ("on", "off"):
+            out[k] = v == "on"
+            continue
+        try:
+            out[k] = float(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def load_runs(study: str, tracking_uri: Optional[str] = None,
+              run_keys: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """One row per run of the study: factors, seed, status, outcome metrics.
+
+    `run_keys` (the plan of the current study file, see `plan_keys`) keeps only those runs: runs
+    of an earlier version of the file (other base settings, same cells) are then not mixed in.
+    Without it, the latest run of each cell x seed counts.
+
+    Columns: run_id, run_key, cell, cell_id, seed, status, roles, one column per factor (bool for
+    fixes), diverged / collapsed (0/1), and the outcome metrics (see module docstring).
+    """
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, study)
+    rows = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string="tags.kind = 'run'",
+                                  max_results=1000, page_token=token)
+        for r in page:
+            if r.info.status != "FINISHED" or "status" not in r.data.tags:
+                continue  # crashed / interrupted / still running attempts are not results
+            t, m = r.data.tags, r.data.metrics
+            row = {"run_id": r.info.run_id, "run_key": t.get("run_key"), "cell": t.get("cell", ""),
+                   "cell_id": t.get("cell_id"), "seed": int(t.get("seed", -1)),
+                   "status": t["status"], "roles": t.get("roles", ""),
+                   "start_time": r.info.start_time}
+            row.update(parse_cell(row["cell"]))
+            for k, v in m.items():
+                if k.startswith("outcome/"):
+                    row[k[len("outcome/"):]] = v
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    if run_keys is not None:
+        df = df[df["run_key"].isin(set(run_keys))]
+    # A run recorded twice (e.g. a worker presumed dead that finished anyway): keep the latest.
+    df = df.sort_values("start_time").drop_duplicates("run_key", keep="last")
+    df = df.drop_duplicates(["cell", "seed"], keep="last")
+    return prepare(df).reset_index(drop=True)
+
+
+def plan_keys(spec_path: str) -> list[str]:
+    """Run keys of a study file's current plan (empty for search designs: keep every run)."""
+    from ablations import designs
+    from ablations.spec import load_spec
+
+    spec = load_spec(spec_path)
+    return [] if spec.design == "search" else [r.run_key for r in designs.runs(spec)]
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """Derive the analysed outcome columns from raw outcome metrics (also used on synthetic tables)."""
+    df = df.copy()
+    for col in ("final_val_f1", "best_val_f1", "final_val_loss", "max_grad_norm", "steps",
+                "first_nonfinite_step"):
+        if col not in df:
+            df[col] = np.nan
+    df["diverged"] = (df["status"] == "diverged").astype(float)
+    df["collapsed"] = (df["status"] == "collapsed").astype(float)
+    div = df["status"] == "diverged"
+    df.loc[div, "final_val_f1"] = 0.0
+    df["best_val_f1"] = df["best_val_f1"].fillna(0.0)
+    df.loc[div, ["final_val_loss"]] = np.nan
+    never = df["first_nonfinite_step"].isna()
+    df.loc[never, "first_nonfinite_step"] = df.loc[never, "steps"]
+    return df
+
+
+def factor_names(runs: pd.DataFrame) -> list[str]:
+    """Factors of the study, read off the cell labels (in their order)."""
+    names: list[str] = []
+    for cell in runs["cell"].unique() if len(runs) else []:
+        for part in cell.split():
+            k = part.partition("=")[0]
+            if k not in names:
+                names.append(k)
+    return names
+
+
+def load_curves(study: str, metrics: Iterable[str], tracking_uri: Optional[str] = None,
+                runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Long format (run_id, step, metric, value) joined with each run's cell, seed, status and
+    factors, from each run's curves.csv artifact (one file per run, not one call per metric)."""
+    client = _client(tracking_uri)
+    runs = load_runs(study, tracking_uri) if runs is None else runs
+    wanted = set(metrics)
+    frames = []
+    for run_id in runs["run_id"] if len(runs) else []:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = client.download_artifacts(run_id, "curves.csv")
+        c = pd.read_csv(path)
+        c = c[c["metric"].isin(wanted)]
+        c.insert(0, "run_id", run_id)
+        frames.append(c)
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "step", "metric", "value"])
+    curves = pd.concat(frames, ignore_index=True)
+    keep = ["run_id", "cell", "seed", "status", "first_nonfinite_step"] + factor_names(runs)
+    return curves.merge(runs[[k for k in keep if k in runs]], on="run_id", how="left")
+
+
+# ------------------------------------------------------------------------------ effects
+@dataclass(frozen=True)
+class Estimate:
+    effect: float
+    low: float
+    high: float
+    n: int  # pairs (paired) or runs (unpaired)
+    paired: bool
+    dropped: int = 0  # pairs / runs left out because the outcome was not measurable
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def bootstrap_mean(x: np.ndarray, seed: int = 0, n_resamples: int = 2000) -> tuple[float, float]:
+    """95 % CI of the mean of x (BCa; percentile where BCa is undefined; a point if x is constant)."""
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1 or np.ptp(x) == 0:
+        return float(x.mean()), float(x.mean())
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, method=method,
+                                 rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            return float(ci.low), float(ci.high)
+    return math.nan, math.nan
+
+
+def bootstrap_diff(a: np.ndarray, b: np.ndarray, seed: int = 0,
+                   n_resamples: int = 2000) -> tuple[float, float]:
+    """95 % CI of mean(b) - mean(a) for independent samples (percentile bootstrap)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) == 0 or len(b) == 0:
+        return math.nan, math.nan
+    if np.ptp(np.concatenate([a, b])) == 0:
+        return 0.0, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ci = stats.bootstrap((b, a), lambda y, x, axis=-1: y.mean(axis) - x.mean(axis),
+                             n_resamples=n_resamples, method="percentile", vectorized=True,
+                             rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def _levels(runs: pd.DataFrame, factor: str) -> list:
+    vals = [v for v in runs[factor].dropna().unique()]
+    if all(isinstance(v, (bool, np.bool_)) for v in vals):
+        return sorted(vals)  # off (False) first
+    return sorted(vals)
+
+
+def paired_effect(runs: pd.DataFrame, factor: str, ref, level, outcome: str,
+                  others: list[str]) -> Estimate:
+    """Effect of `factor` going ref -> level on `outcome`: paired where partners exist."""
+    keys = others + ["seed"]
+    # Mean over duplicates: with a subset of the factors as keys, a key can hold several runs.
+    a = runs[runs[factor] == ref].groupby(keys)[outcome].mean()
+    b = runs[runs[factor] == level].groupby(keys)[outcome].mean()
+    joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
+    if len(joined) >= max(2, min(len(a), len(b)) // 2):
+        finite = joined.dropna()
+        d = (finite["b"] - finite["a"]).to_numpy()
+        lo, hi = bootstrap_mean(d)
+        return Estimate(float(d.mean()) if len(d) else math.nan, lo, hi, len(d), True,
+                        len(joined) - len(finite))
+    fa, fb = a.dropna().to_numpy(), b.dropna().to_numpy()
+    lo, hi = bootstrap_diff(fa, fb)
+    eff = float(fb.mean() - fa.mean()) if len(fa) and len(fb) else math.nan
+    return Estimate(eff, lo, hi, len(fa) + len(fb), False, len(a) + len(b) - len(fa) - len(fb))
+
+
+def main_effects(runs: pd.DataFrame, factors: list[str],
+                 outcomes: Iterable[str] = tuple(OUTCOMES)) -> pd.DataFrame:
+    """One row per factor x level x outcome: effect, CI, n, paired, dropped."""
+    rows = []
+    for f in factors:
+        levels = _levels(runs, f)
+        if len(levels) < 2:
+            continue
+        others = [g for g in factors if g != f]
+        for level in levels[1:]:
+            for out in outcomes:
+                est = paired_effect(runs, f, levels[0], level, OUTCOMES[out][0], others)
+                rows.append({"factor": f, "contrast": _contrast(f, levels[0], level),
+                             "outcome": out, **est.__dict__,
+                             "mean_off": float(runs.loc[runs[f] == levels[0], OUTCOMES[out][0]].mean()),
+                             "mean_on": float(runs.loc[runs[f] == level, OUTCOMES[out][0]].mean())})
+    return pd.DataFrame(rows)
+
+
+def _contrast(f: str, ref, level) -> str:
+    if isinstance(level, (bool, np.bool_)):
+        return "on vs off"
+    return f"{level:g} vs {ref:g}" if isinstance(level, float) else f"{level} vs {ref}"
+
+
+def interactions(runs: pd.DataFrame, factors: list[str], outcome: str = "final_val_f1") -> pd.DataFrame:
+    """Two-factor interactions of two-level factors: AB = mean(y | a*b = +1) - mean(y | a*b = -1),
+    i.e. half of (effect of A with B on) minus (effect of A with B off). Paired by the remaining
+    factors and seed where complete 2x2 blocks exist (full factorials); else over runs."""
+    two = [f for f in factors if len(_levels(runs, f)) == 2]
+    rows = []
+    col = OUTCOMES[outcome][0]
+    for i, a in enumerate(two):
+        for b in two[i + 1:]:
+            la, lb = _levels(runs, a), _levels(runs, b)
+            sa = np.where(runs[a] == la[1], 1, -1)
+            sb = np.where(runs[b] == lb[1], 1, -1)
+            y = runs[col].to_numpy(float)
+            ok = np.isfinite(y)
+            keys = [g for g in factors if g not in (a, b)] + ["seed"]
+            block = runs[keys].astype(str).agg("|".join, axis=1).to_numpy()
+            df = pd.DataFrame({"block": block, "s": sa * sb, "y": y})[ok]
+            counts = df.groupby("block").size()
+            if len(counts) and (counts == 4).all():
+                per_block = df.groupby("block").apply(
+                    lambda g: g.loc[g.s > 0, "y"].mean() - g.loc[g.s < 0, "y"].mean(),
+                    include_groups=False).to_numpy()
+                lo, hi = bootstrap_mean(per_block)
+                est = Estimate(float(per_block.mean()), lo, hi, len(per_block), True,
+                               int((~ok).sum()))
+            else:
+                pos, neg = df.loc[df.s > 0, "y"].to_numpy(), df.loc[df.s < 0, "y"].to_numpy()
+                lo, hi = bootstrap_diff(neg, pos)
+                est = Estimate(float(pos.mean() - neg.mean()) if len(pos) and len(neg) else math.nan,
+                               lo, hi, len(df), False, int((~ok).sum()))
+            rows.append({"a": a, "b": b, "outcome": outcome, **est.__dict__})
+    return pd.DataFrame(rows)
+
+
+def one_at_a_time(runs: pd.DataFrame, outcome: str = "final_val_f1") -> pd.DataFrame:
+    """Add-one-in (add:X minus broken) and leave-one-out (fixed minus drop:X) deltas, paired by seed."""
+    col = OUTCOMES[outcome][0]
+    by_role: dict[str, pd.Series] = {}
+    for _, r in runs.iterrows():
+        for role in str(r["roles"]).split(","):
+            if role:
+                by_role.setdefault(role, {})[r["seed"]] = r[col]
+    by_role = {k: pd.Series(v) for k, v in by_role.items()}
+    rows = []
+    for role in sorted(by_role):
+        kind, _, name = role.partition(":")
+        if kind not in ("add", "drop"):
+            continue
+        base, other = ("broken", role) if kind == "add" else (role, "fixed")
+        if base not in by_role or other not in by_role:
+            continue
+        j = pd.concat([by_role[base].rename("a"), by_role[other].rename("b")], axis=1,
+                      join="inner").dropna()
+        d = (j["b"] - j["a"]).to_numpy()
+        lo, hi = bootstrap_mean(d)
+        rows.append({"factor": name, "kind": "add-one-in" if kind == "add" else "leave-one-out",
+                     "outcome": outcome, "effect": float(d.mean()) if len(d) else math.nan,
+                     "low": lo, "high": hi, "n": len(d)})
+    return pd.DataFrame(rows)
+
+
+def ablation_path(runs: pd.DataFrame, factors: list[str],
+                  outcome: str = "final_val_f1") -> pd.DataFrame:
+    """Greedy path from all-off to all-on (Fawcett & Hoos 2016) over the cells that exist: at each
+    step flip the factor whose flip gives the best mean outcome; stop where no next cell exists."""
+    col = OUTCOMES[outcome][0]
+    better_high = OUTCOMES[outcome][1] == "higher"
+    two = [f for f in factors if len(_levels(runs, f)) == 2]
+    if not two:
+        return pd.DataFrame()
+    lv = {f: _levels(runs, f) for f in two}
+    means = runs.groupby([runs[f].astype(str) for f in two])[col].mean()
+    n_runs = runs.groupby([runs[f].astype(str) for f in two])[col].size()
+    state = {f: lv[f][0] for f in two}
+
+    def key(s: dict) -> tuple:
+        k = tuple(str(s[f]) for f in two)
+        return k if len(two) > 1 else k[0]
+
+    if key(state) not in means.index:
+        return pd.DataFrame()
+    rows = [{"step": 0, "flipped": "(start: all off)", "mean": float(means[key(state)]),
+             "delta": 0.0, "n": int(n_runs[key(state)])}]
+    remaining = list(two)
+    while remaining:
+        options = []
+        for f in remaining:
+            s = {**state, f: lv[f][1]}
+            if key(s) in means.index and not math.isnan(means[key(s)]):
+                options.append((means[key(s)], f, s))
+        if not options:
+            break
+        val, f, s = max(options) if better_high else min(options)
+        rows.append({"step": len(rows), "flipped": f, "mean": float(val),
+                     "delta": float(val - rows[-1]["mean"]), "n": int(n_runs[key(s)])})
+        state = s
+        remaining.remove(f)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ verdicts
+NEGLIGIBLE_F1 = 0.01  # an F1 change below one point is "no practical effect"
+
+
+def verdicts(effects: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Supported / refuted / inconclusive for each seed claim whose fix is a factor.
+
+    The seed claims each fix stabilises training. A claim is *supported* when turning the fix on
+    lowers the divergence or collapse rate, or raises final F1, with a 95 % CI excluding zero;
+    *refuted* when no instability is removed (divergence and collapse rates do not fall: CIs
+    include no reduction) and F1 does not rise by more than a point (CI upper bound < 0.01),
+    or when the fix makes things worse; *inconclusive* otherwise.
+    """
+    rows = []
+    for name, fix in FIXES.items():
+        e = effects[(effects.factor == name) & (effects.contrast == "on vs off")]
+        if e.empty:
+            continue
+        get = {r.outcome: r for r in e.itertuples()}
+        div, col, f1 = get.get("diverged"), get.get("collapsed"), get.get("final_val_f1")
+        n_off = int((runs[name] == False).sum())  # noqa: E712  (column of bools)
+        n_on = int((runs[name] == True).sum())  # noqa: E712
+        div_off = int(runs.loc[runs[name] == False, "diverged"].sum())  # noqa: E712
+        div_on = int(runs.loc[runs[name] == True, "diverged"].sum())  # noqa: E712
+        helps = [(o.outcome, o) for o in (div, col) if o is not None and o.high < 0]
+        if f1 is not None and f1.low > 0:
+            helps.append(("final_val_f1", f1))
+        hurts = ((f1 is not None and f1.high < 0) or
+                 any(o is not None and o.low > 0 for o in (div, col)))
+        no_stability_gain = all(o is None or o.low >= 0 for o in (div, col))
+        if helps and not hurts:
+            verdict = "supported"
+        elif hurts or (no_stability_gain and f1 is not None and f1.high < NEGLIGIBLE_F1):
+            verdict = "refuted"
+        else:
+            verdict = "inconclusive"
+        sentence = (f"{name} on vs off: divergence {div_on}/{n_on} vs {div_off}/{n_off} runs "
+                    f"(rate change {_ci(div)}); collapse rate change {_ci(col)}; "
+                    f"final F1 change {_ci(f1, 3)}.")
+        rows.append({"fix": name, "critical": fix.critical, "claim": fix.claim,
+                     "verdict": verdict, "evidence": sentence})
+    return pd.DataFrame(rows)
+
+
+def _ci(o, digits: int = 2) -> str:
+    if o is None or (isinstance(o.effect, float) and math.isnan(o.effect)):
+        return "n/a"
+    return f"{o.effect:+.{digits}f} [95% CI {o.low:+.{digits}f}, {o.high:+.{digits}f}]"
+
+
+def critical_agreement(v: pd.DataFrame) -> str:
+    """Does the data agree with the seed's list of most critical fixes?"""
+    crit = v[v.critical]
+    if crit.empty:
+        return "None of the seed's 'most critical' fixes is a factor of this study."
+    parts = [f"{r.fix}: {r.verdict}" for r in crit.itertuples()]
+    others = v[~v.critical & (v.verdict == "supported")]
+    agree = all(r.verdict == "supported" for r in crit.itertuples())
+    s = ("The data agrees with the seed's 'most critical' list" if agree else
+         "The data does not agree with the seed's 'most critical' list") + f" ({'; '.join(parts)})."
+    if not others.empty:
+        s += f" Fixes the seed did not rank critical but that matter here: {', '.join(others.fix)}."
+    return s
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A plain Markdown table (no tabulate dependency)."""
+    if df.empty:
+        return "(none)"
+    cols = list(df.columns)
+
+    def fmt(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "nan" if math.isnan(v) else format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def buffer_csv(df: pd.DataFrame) -> str:
+    b = io.StringIO()
+    df.to_csv(b, index=False)
+    return b.getvalue()

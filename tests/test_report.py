@@ -1,0 +1,105 @@
+"""The report and the notebooks on a tiny real study (real Optuna and MLflow stores in tmp)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablations import analysis, report
+from ablations.execute import launch
+from ablations.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"n_songs": 4, "frames": 128, "n_features": 8, "hidden_dim": 8, "n_blocks": 1,
+        "epochs": 2, "steps_per_epoch": 3, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A 2x2 full factorial of two fixes x 2 seeds, tiny model."""
+    tmp = tmp_path_factory.mktemp("report")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # MLflow's ./mlruns artifacts land in tmp
+    try:
+        spec = parse_spec({"name": "tinyrep", "design": "full_factorial",
+                           "factors": {"plain_residual": [False, True],
+                                       "clip_0_5": [False, True]},
+                           "seeds": 2, "baseline": "fixed", "base": TINY}, "<test>")
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        with open(os.devnull, "w") as devnull:
+            res = launch(spec, f"sqlite:///{tmp}/optuna.db", uri, 1, out=devnull)
+        assert res.done == 8
+    finally:
+        os.chdir(cwd)
+    return tmp, uri
+
+
+def test_load_runs_and_curves(tiny_study):
+    """One row per run with factors as booleans; curves in long format with every step."""
+    tmp, uri = tiny_study
+    runs = analysis.load_runs("tinyrep", uri)
+    assert len(runs) == 8 and set(runs["seed"]) == {0, 1}
+    assert runs["plain_residual"].dtype == bool
+    assert analysis.factor_names(runs) == ["plain_residual", "clip_0_5"]
+    curves = analysis.load_curves("tinyrep", ["train/loss"], uri, runs)
+    assert len(curves) == 8 * TINY["epochs"] * TINY["steps_per_epoch"]
+    assert set(curves["metric"]) == {"train/loss"}
+
+
+def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
+    """runner's report: every figure as a PNG, a Markdown file with verdicts, logged to MLflow."""
+    tmp, uri = tiny_study
+    out = tmp / "rep"
+    rep = report.write_report("tinyrep", uri, out)
+    for name in ("curves", "effects", "divergence_heatmap", "first_nonfinite", "ablation_path"):
+        png = rep.figures[name]
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = rep.markdown.read_text()
+    assert "## Verdicts on the seed's claims" in md and "plain_residual" in md
+    assert set(rep.verdicts["verdict"]) <= {"supported", "refuted", "inconclusive"}
+    parent = report.log_to_mlflow("tinyrep", uri, out)
+    from mlflow.tracking import MlflowClient
+
+    names = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert "report/report.md" in names and "report/curves.png" in names
+
+
+def test_runner_report_cli(tiny_study):
+    """`runner.py report` prints the verdicts and writes the report (exit 0)."""
+    tmp, uri = tiny_study
+    spec = tmp / "tinyrep.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump({"name": "tinyrep", "design": "full_factorial",
+                                    "factors": {"plain_residual": ["off", "on"],
+                                                "clip_0_5": ["off", "on"]},
+                                    "seeds": 2, "base": TINY}))
+    proc = subprocess.run([sys.executable, str(ROOT / "runner.py"), "report", str(spec),
+                           "--tracking-uri", uri, "--out", str(tmp / "cli_rep")],
+                          capture_output=True, text=True, cwd=tmp, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdicts (8 runs)" in proc.stdout and (tmp / "cli_rep" / "report.md").exists()
+
+
+@pytest.mark.parametrize("notebook", ["ablation_report.ipynb", "curves.ipynb"])
+def test_notebooks_execute(tiny_study, notebook, monkeypatch):
+    """The committed notebooks run top to bottom against a real study (and have no outputs)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    tmp, uri = tiny_study
+    path = ROOT / "notebooks" / notebook
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "committed with outputs"
+    monkeypatch.setenv("CHORUS_STUDY", "tinyrep")
+    monkeypatch.setenv("CHORUS_TRACKING_URI", uri)
+    monkeypatch.setenv("CHORUS_STUDY_FILE", "")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp)}})
+    client.execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
