@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise _BadInput(str(e)) from None
     _print_summary(spec, res.summary)
-    if res.done and not args.no_report:
+    if res.done and not args.no_report and not res.interrupted:
         _report(spec, args.study, args.tracking_uri, Path(args.report_dir or f"reports/{spec.name}"))
     print(f"\n{res.done}/{res.total} runs done"
           + (f", {res.gave_up} given up after {spec.retries} retries" if res.gave_up else "")
@@ -131,7 +131,7 @@ def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
     from ablations import analysis, report
 
     try:
-        rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_keys(spec_path),
+        rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_cells(spec_path),
                                   design=spec.design, objective=spec.objective_metric)
         parent = report.log_to_mlflow(spec.name, tracking_uri, out)
     except Exception as e:  # noqa: BLE001 - reported in one line, results are safe

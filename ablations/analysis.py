@@ -80,12 +80,13 @@ def parse_cell(cell: str) -> dict[str, object]:
 
 
 def load_runs(study: str, tracking_uri: Optional[str] = None,
-              run_keys: Optional[Iterable[str]] = None) -> pd.DataFrame:
+              plan: Optional[Iterable[tuple[str, int]]] = None) -> pd.DataFrame:
     """One row per run of the study: factors, seed, status, outcome metrics.
 
-    `run_keys` (the plan of the current study file, see `plan_keys`) keeps only those runs: runs
-    of an earlier version of the file (other base settings, same cells) are then not mixed in.
-    Without it, the latest run of each cell x seed counts.
+    `plan` ((cell, seed) pairs of the current study file, see `plan_cells`) keeps only those:
+    cells or seeds dropped from the file are then left out. Matching is by cell and seed, not by
+    run_key, so runs made before a code change that added a TrainConfig field still count; of
+    several runs of one cell x seed (e.g. after editing `base:`), the latest counts.
 
     Columns: run_id, run_key, cell, cell_id, seed, status, roles, one column per factor (bool for
     fixes), diverged / collapsed (0/1), and the outcome metrics (see module docstring).
@@ -116,21 +117,24 @@ def load_runs(study: str, tracking_uri: Optional[str] = None,
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    if run_keys is not None:
-        df = df[df["run_key"].isin(set(run_keys))]
+    if plan is not None:
+        wanted = set(plan)
+        df = df[[(c, s) in wanted for c, s in zip(df["cell"], df["seed"])]]
     # A run recorded twice (e.g. a worker presumed dead that finished anyway): keep the latest.
     df = df.sort_values("start_time").drop_duplicates("run_key", keep="last")
     df = df.drop_duplicates(["cell", "seed"], keep="last")
     return prepare(df).reset_index(drop=True)
 
 
-def plan_keys(spec_path: str) -> list[str]:
-    """Run keys of a study file's current plan (empty for search designs: keep every run)."""
+def plan_cells(spec_path: str) -> Optional[list[tuple[str, int]]]:
+    """(cell label, seed) of every run of a study file; None for search designs (keep all runs)."""
     from ablations import designs
     from ablations.spec import load_spec
 
     spec = load_spec(spec_path)
-    return [] if spec.design == "search" else [r.run_key for r in designs.runs(spec)]
+    if spec.design == "search":
+        return None
+    return [(r.cell.label(spec.factors), r.seed) for r in designs.runs(spec)]
 
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
@@ -398,6 +402,9 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     or when the fix makes things worse; *inconclusive* otherwise.
     """
     rows = []
+    columns = ["fix", "critical", "claim", "verdict", "evidence"]
+    if effects.empty:
+        return pd.DataFrame(columns=columns)
     for name, fix in FIXES.items():
         e = effects[(effects.factor == name) & (effects.contrast == "on vs off")]
         if e.empty:
@@ -425,7 +432,7 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                     f"final F1 change {_ci(f1, 3)}.")
         rows.append({"fix": name, "critical": fix.critical, "claim": fix.claim,
                      "verdict": verdict, "evidence": sentence})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _ci(o, digits: int = 2) -> str:

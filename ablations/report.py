@@ -53,10 +53,13 @@ def _arm(runs: pd.DataFrame, f: str, value) -> str:
 
 
 # ------------------------------------------------------------------------------ figures
-def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str], out: Path) -> Path:
+def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
+               out: Path) -> Optional[Path]:
     """Per factor (rows) x metric (columns): median over runs per step, inter-quartile band, for
     each arm; x marks where diverged runs first went non-finite."""
     facs = two_level(runs, factors)
+    if not facs:
+        return None
     fig, axes = plt.subplots(len(facs), len(CURVE_METRICS), figsize=(13, 2.6 * len(facs) + 0.6),
                              squeeze=False)
     for i, f in enumerate(facs):
@@ -101,10 +104,12 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str], out
     return path
 
 
-def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path) -> Path:
+def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path) -> Optional[Path]:
     """Divergence rate among runs with fix A and fix B both off (diagonal: A off alone)."""
     facs = [f for f in two_level(runs, factors) if f in FIXES]
     n = len(facs)
+    if n == 0:
+        return None
     rate = np.full((n, n), np.nan)
     count = np.zeros((n, n), dtype=int)
     for i, a in enumerate(facs):
@@ -160,8 +165,10 @@ def fig_first_nonfinite(runs: pd.DataFrame, out: Path) -> Path:
     return path
 
 
-def fig_effects(effects: pd.DataFrame, out: Path) -> Path:
+def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
     """Main effects with 95 % CIs on final F1 and on the divergence rate."""
+    if effects.empty:
+        return None
     panels = [("final_val_f1", "effect on final val chorus F1 (diverged = 0)"),
               ("diverged", "effect on divergence rate")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * effects["factor"].nunique() + 2.2),
@@ -207,8 +214,8 @@ def fig_path(path_df: pd.DataFrame, out: Path, outcome: str) -> Optional[Path]:
 
 
 # ------------------------------------------------------------------------------ report
-def analyse(study: str, tracking_uri: Optional[str], run_keys=None) -> Report:
-    runs = analysis.load_runs(study, tracking_uri, run_keys=run_keys or None)
+def analyse(study: str, tracking_uri: Optional[str], plan=None) -> Report:
+    runs = analysis.load_runs(study, tracking_uri, plan=plan)
     if runs.empty:
         raise LookupError(f"study {study!r} has no finished runs in {tracking_uri}")
     factors = analysis.factor_names(runs)
@@ -220,24 +227,23 @@ def analyse(study: str, tracking_uri: Optional[str], run_keys=None) -> Report:
                   analysis.ablation_path(runs, factors))
 
 
-def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, run_keys=None,
+def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,
                  design: str = "", objective: str = "final_val_f1") -> Report:
     """Analyse the study, draw the figures, write report.md into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = analyse(study, tracking_uri, run_keys)
+    rep = analyse(study, tracking_uri, plan)
     runs = rep.runs
     curves = analysis.load_curves(study, [m for m, _, _ in CURVE_METRICS], tracking_uri, runs)
-    rep.figures["curves"] = fig_curves(curves, runs, rep.factors, out_dir)
-    rep.figures["effects"] = fig_effects(rep.effects, out_dir)
-    rep.figures["divergence_heatmap"] = fig_divergence_heatmap(runs, rep.factors, out_dir)
-    rep.figures["first_nonfinite"] = fig_first_nonfinite(runs, out_dir)
-    p = fig_path(rep.path, out_dir, objective)
-    if p:
-        rep.figures["ablation_path"] = p
+    figures = {"curves": fig_curves(curves, runs, rep.factors, out_dir),
+               "effects": fig_effects(rep.effects, out_dir),
+               "divergence_heatmap": fig_divergence_heatmap(runs, rep.factors, out_dir),
+               "first_nonfinite": fig_first_nonfinite(runs, out_dir),
+               "ablation_path": fig_path(rep.path, out_dir, objective)}
+    rep.figures = {k: v for k, v in figures.items() if v is not None}  # some need 2+ cells
 
     status = runs["status"].value_counts().to_dict()
     eff = rep.effects.copy()
-    eff_table = eff[eff.outcome.isin(["diverged", "collapsed", "final_val_f1", "best_val_f1",
+    eff_table = pd.DataFrame() if eff.empty else eff[eff.outcome.isin(["diverged", "collapsed", "final_val_f1", "best_val_f1",
                                       "final_val_loss", "max_grad_norm"])][
         ["factor", "contrast", "outcome", "effect", "low", "high", "n", "paired", "dropped",
          "mean_off", "mean_on"]]
