@@ -117,13 +117,17 @@ def load_runs(study: str, tracking_uri: Optional[str] = None,
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    if plan is not None:
-        wanted = set(plan)
-        df = df[[(c, s) in wanted for c, s in zip(df["cell"], df["seed"])]]
+    if plan is not None:  # factor order in a label does not matter
+        wanted = {(_canonical(c), s) for c, s in plan}
+        df = df[[(_canonical(c), s) in wanted for c, s in zip(df["cell"], df["seed"])]]
     # A run recorded twice (e.g. a worker presumed dead that finished anyway): keep the latest.
     df = df.sort_values("start_time").drop_duplicates("run_key", keep="last")
     df = df.drop_duplicates(["cell", "seed"], keep="last")
     return prepare(df).reset_index(drop=True)
+
+
+def _canonical(cell: str) -> str:
+    return " ".join(sorted(cell.split()))
 
 
 def plan_cells(spec_path: str) -> Optional[list[tuple[str, int]]]:
