@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -86,6 +87,10 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
                                label=f"{name}: diverged ({len(div)})")
             if logy:
                 ax.set_yscale("log")
+                fmt = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.7, not 7x10^-1
+                ax.yaxis.set_major_formatter(fmt)
+                ax.yaxis.set_minor_formatter(fmt)
+                ax.tick_params(axis="y", which="minor", labelsize=6)
             if metric == "train/chorus_pct":
                 ax.axhspan(0, 1, color="grey", alpha=0.15)
                 ax.axhspan(99, 100, color="grey", alpha=0.15)
@@ -180,6 +185,14 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
         err = np.vstack([e["effect"] - e["low"], e["high"] - e["effect"]]).clip(min=0)
         colors = ["#1f77b4" if (r.low > 0 or r.high < 0) else "#aaaaaa" for r in e.itertuples()]
         ax.barh(y, e["effect"], xerr=err, color=colors, capsize=3)
+        for yi, r in zip(y, e.itertuples()):
+            ax.annotate(f"{r.effect:+.3f}", (r.effect, yi), textcoords="offset points",
+                        xytext=(4 if r.effect >= 0 else -4, 6), fontsize=7,
+                        ha="left" if r.effect >= 0 else "right")
+        if outcome == "diverged" and (e["mean_off"].fillna(0) == 0).all() and \
+                (e["mean_on"].fillna(0) == 0).all():
+            ax.text(0.5, 0.5, "no run diverged in either arm", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=10, color="#555555")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
