@@ -182,9 +182,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from ablations.ui import serve
+    from ablations.ui import UIError, serve
 
-    return serve(args.tracking_uri, args.port, args.study)
+    try:
+        return serve(args.tracking_uri, args.port, args.study)
+    except UIError as e:
+        raise _BadInput(str(e)) from None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ablations.ui import UIError, serve_dashboard
+
+    try:
+        return serve_dashboard(args.storage, args.port, args.study)
+    except UIError as e:
+        raise _BadInput(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,11 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a TrainConfig field, e.g. --set lr=1e-3 --set norm=batch")
     t.set_defaults(func=cmd_train)
 
-    u = sub.add_parser("ui", help="MLflow UI for the study store, on 127.0.0.1")
-    u.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
-    u.add_argument("--port", type=int, default=5000)
-    u.add_argument("--study", default=None, help="study name, to print its experiment's URL")
+    def port(v: str) -> int:
+        if not v.isdigit() or not 0 < int(v) < 65536:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a port (1-65535)")
+        return int(v)
+
+    u = sub.add_parser("ui", help="MLflow UI for the study store, on 127.0.0.1 (Ctrl-C stops it)")
+    u.add_argument("--tracking-uri", default=DEFAULT_TRACKING,
+                   help=f"MLflow tracking store (default {DEFAULT_TRACKING})")
+    u.add_argument("--port", type=port, default=5000, help="port on 127.0.0.1 (default 5000)")
+    u.add_argument("--study", default=None,
+                   help="study name: print only its experiment's URL (default: every study's)")
     u.set_defaults(func=cmd_ui)
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard on the study storage, on 127.0.0.1")
+    d.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    d.add_argument("--port", type=port, default=8080, help="port on 127.0.0.1 (default 8080)")
+    d.add_argument("--study", default=None,
+                   help="study name: print only its page's URL (default: every study's)")
+    d.set_defaults(func=cmd_dashboard)
     return p
 
 

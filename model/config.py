@@ -83,10 +83,32 @@ class TrainConfig:
     """Max total grad norm for clipping; None = off. The pre-clip norm is logged either way."""
     param_clamp: Optional[float] = None
     """Clamp every parameter to [-c, c] after each step; None = off. The seed's broken code used 0.5."""
-    nonfinite: Literal["stop", "skip", "zero"] = "zero"
-    """On a non-finite loss or grad norm: `stop` the run, `skip` the update, or `zero` the
-    non-finite gradient entries and step (the seed's "NaN zeroing", part of its fixed recipe).
-    Parameters that went non-finite end the run under every policy."""
+    nonfinite: Literal["stop", "skip", "zero", "rollback"] = "zero"
+    """On a non-finite loss or grad norm: `stop` the run, `skip` the update, `zero` the
+    non-finite gradient entries and step (the seed's "NaN zeroing", part of its fixed recipe; the
+    `nan_zeroing` fix toggles stop -> zero), or `rollback`: restore the last good state (see
+    `rollback_every`), halve the learning rate and go on (not one of the seed's fixes; a value
+    a study can compare with the others). Non-finite parameters end the run under stop, skip
+    and zero; rollback restores them (at most model.nonfinite.MAX_ROLLBACKS times)."""
+    rollback_every: int = 50
+    """`rollback` only: copy model and optimizer state before the update of every M-th step whose
+    loss and grad norm are finite (and at the start); a rollback restores the latest copy."""
+    forensics: bool = True
+    """On a non-finite event, replay the step's batch under hooks to find the first non-finite
+    tensor (module, stage, statistics, songs). Costs nothing until an event happens."""
+    anomaly_mode: bool = False
+    """With `forensics`: rerun the replay under torch.autograd.detect_anomaly(check_nan=True) and
+    keep its traceback in the event. Only at events; never on every step."""
+    spike_factor: Optional[float] = 10.0
+    """A finite pre-clip grad norm above this times the running median of the last
+    `spike_window` norms is recorded as a `grad_spike` warning event; null = no spike check."""
+    spike_window: int = 50
+    """Grad norms in the running median of the spike check; the check starts once it is full."""
+    spike_action: Literal["record", "skip"] = "record"
+    """On a grad-norm spike: `record` the warning only, or also `skip` that step's update."""
+    lead_up: int = 10
+    """K: an event keeps loss, grad norm and lr of the K steps before it, and counts as recovered
+    when none of the next K steps is non-finite. 0 = no lead-up, recovered = not stopped."""
 
     # ---- run --------------------------------------------------------------------------
     seed: int = 0
@@ -97,7 +119,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         positive_ints = ("n_songs", "frames", "n_features", "hidden_dim", "n_blocks",
-                         "kernel_size", "epochs", "steps_per_epoch", "batch_size")
+                         "kernel_size", "epochs", "steps_per_epoch", "batch_size",
+                         "rollback_every", "spike_window")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
@@ -119,6 +142,15 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name}: must be a number > 0 or null (off), got {v!r}")
+        if self.lead_up < 0:
+            raise ConfigError(f"lead_up: must be an integer >= 0, got {self.lead_up!r}")
+        if self.spike_factor is not None and not (math.isfinite(self.spike_factor)
+                                                  and self.spike_factor > 1):
+            raise ConfigError(f"spike_factor: must be a number > 1 or null (off), "
+                              f"got {self.spike_factor!r}")
+        if self.anomaly_mode and not self.forensics:
+            raise ConfigError("anomaly_mode: true needs forensics: true (anomaly mode reruns the "
+                              "forensic replay), got forensics=False")
         if len(self.classifier_bias) != 2 or not all(math.isfinite(b) for b in self.classifier_bias):
             raise ConfigError(f"classifier_bias: must be two finite numbers [verse, chorus], "
                               f"got {list(self.classifier_bias)!r}")

@@ -1,0 +1,381 @@
+"""`runner.py ui` and `runner.py dashboard` as a person uses them: in a real browser.
+
+A tiny study (2 fixes-or-lr cells x 2 seeds, half of them diverging on purpose) is run with
+`runner.py run`; `runner.py ui` serves it; headless Chromium (Debian's `chromium`, driven by
+Playwright's Python package through `executable_path`: no browser download) opens the URL the
+command printed and checks what a user must see: the child runs with their names and fix tags,
+one run's `train/loss` chart, the runs filtered by `tags.status`. Ctrl-C then stops the UI with
+no process left behind. Screenshots go to the test's tmp dir and, if set, to
+$CHORUS_SCREENSHOTS.
+
+The browser tests skip, with the reason, where /usr/bin/chromium or the playwright package is
+missing (a user's machine); `.ci/install_browser` installs Chromium for CI. The MLflow UI is a
+React app that can take 10-30 s to first render on 2 busy cores: every wait is for an element,
+with generous timeouts, never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "runner.py"
+CHROMIUM = os.environ.get("CHORUS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--disable-default-apps", "--disable-extensions"]
+UI_TIMEOUT_MS = 120_000  # first render of the React app on 2 busy cores: 10-30 s seen
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # a user's machine without the dev extra
+    sync_playwright = None
+
+needs_browser = pytest.mark.skipif(
+    sync_playwright is None or not os.access(CHROMIUM, os.X_OK),
+    reason=("needs the playwright package (pip install -e '.[dev]')" if sync_playwright is None
+            else f"needs Debian's Chromium at {CHROMIUM} (bash .ci/install_browser, as root)"))
+linux_only = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(),
+                                reason="process checks read /proc")
+
+DESCRIPTION = "Browser-test study: neutral classifier bias x a sane or an absurd learning rate."
+STUDY = f"""\
+name: tiny
+description: "{DESCRIPTION}"
+design: full_factorial
+factors:
+  bias_init: [off, on]
+  lr: [3e-3, 1e6]
+seeds: 2
+base: {{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 3,
+       steps_per_epoch: 4, batch_size: 8, device: cpu, optimizer: sgd, grad_clip: null}}
+"""
+
+
+# ------------------------------------------------------------------------------ helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_pids(port: int) -> list[int]:
+    """Processes whose command line carries `--port PORT` (our servers and their workers)."""
+    needle = f"\0--port\0{port}\0".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in b"\0" + (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def listening_addresses(port: int) -> set[str]:
+    """IPv4/IPv6 addresses with a socket listening on port, from /proc/net/tcp{,6}."""
+    out = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hexport = local.partition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                if len(addr) == 8:
+                    out.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:
+                    out.add(addr)  # an IPv6 listener: reported raw, fails the test
+    return out
+
+
+def port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+class Served:
+    """`runner.py ui|dashboard ...` in the background, its stdout read line by line."""
+
+    def __init__(self, cwd: Path, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(RUNNER), *args], cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.out: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.out.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, prefix: str, timeout_s: float = 240) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith(prefix):
+                return line.strip()
+        self.kill()
+        pytest.fail(f"no line starting {prefix!r} (exit {self.proc.poll()}); stdout:\n"
+                    f"{''.join(self.out)}\nstderr:\n{self.proc.stderr.read()}")
+
+    def interrupt(self, timeout_s: float = 60) -> int:
+        """Ctrl-C, as a terminal sends it to the command."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Shots:
+    """Screenshots into the test's tmp dir and, if set, $CHORUS_SCREENSHOTS."""
+
+    def __init__(self, tmp: Path):
+        self.dirs = [tmp / "screenshots"]
+        if os.environ.get("CHORUS_SCREENSHOTS"):
+            self.dirs.append(Path(os.environ["CHORUS_SCREENSHOTS"]))
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        self.taken: list[Path] = []
+
+    def __call__(self, page, name: str) -> None:
+        first = self.dirs[0] / f"{name}.png"
+        page.screenshot(path=str(first))
+        for d in self.dirs[1:]:
+            shutil.copy(first, d / first.name)
+        self.taken.append(first)
+
+
+def launch_browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A finished tiny study: its directory, stores and runs (read back from MLflow)."""
+    d = tmp_path_factory.mktemp("ui")
+    (d / "tiny.yaml").write_text(STUDY)
+    storage, tracking = f"sqlite:///{d}/optuna.db", f"sqlite:///{d}/mlflow.db"
+    p = subprocess.run([sys.executable, str(RUNNER), "run", "tiny.yaml", "--storage", storage,
+                        "--tracking-uri", tracking], cwd=d, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'run'", max_results=100)
+    assert len(runs) == 8
+    statuses = {r.data.tags["status"] for r in runs}
+    assert "diverged" in statuses and statuses - {"diverged"}, statuses  # the filter must bite
+    return {"dir": d, "storage": storage, "tracking": tracking, "client": client,
+            "experiment_id": exp.experiment_id, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def ui(study):
+    """`runner.py ui` on a free port; the tests below stop it with Ctrl-C themselves."""
+    port = free_port()
+    served = Served(study["dir"], "ui", "--tracking-uri", study["tracking"], "--port", str(port),
+                    "--study", "tiny")
+    line = served.wait_for_line("study tiny: ")
+    url = line.split(": ", 1)[1]
+    served.wait_for_line("Ctrl-C to stop")
+    yield {"served": served, "port": port, "url": url}
+    served.kill()
+
+
+# -------------------------------------------------------------------------------- tests
+def test_ui_prints_the_study_runs_url(study, ui):
+    url = ui["url"]
+    assert url.startswith(f"http://127.0.0.1:{ui['port']}/#/experiments/{study['experiment_id']}"
+                          f"/runs?")
+    assert "workflowType=machine_learning" in url and "viewStateShareKey=" in url
+    if Path("/proc/net/tcp").exists():  # listening on loopback only
+        assert listening_addresses(ui["port"]) == {"127.0.0.1"}
+
+
+@needs_browser
+def test_ui_in_a_browser_runs_tags_chart_filter(study, ui, tmp_path):
+    runs = study["runs"]
+    diverged = [r for r in runs if r.data.tags["status"] == "diverged"]
+    others = [r for r in runs if r.data.tags["status"] != "diverged"]
+    shots = Shots(tmp_path)
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        expect.set_options(timeout=UI_TIMEOUT_MS)
+        try:
+            _runs_table(page, ui["url"], runs, shots)
+            _group_by_fix(page, runs, shots)
+            opened = _filter_by_status(page, diverged, others, shots)
+            _run_page_chart(page, study, opened, shots)
+        except BaseException:
+            shots(page, "failure")
+            raise
+        finally:
+            browser.close()
+    assert len(shots.taken) == 5
+
+
+def _runs_table(page, url: str, runs, shots) -> None:
+    page.goto(url)
+    expect(page.get_by_text("matching runs")).to_be_visible()
+    assistant = page.get_by_role("button", name="Close")  # MLflow 3's assistant panel
+    if page.get_by_text("MLflow Assistant").count() and assistant.count():
+        assistant.first.click()
+    expect(page.get_by_text(DESCRIPTION)).to_be_visible()  # the study description
+    expect(page.get_by_text("Error loading shared view state")).to_have_count(0)
+    expect(page.get_by_role("button", name="Study runs")).to_be_visible()  # the saved view
+    for r in runs:  # every child run, by its readable name, with its fix tag and status
+        expect(page.get_by_text(r.info.run_name, exact=True)).to_be_visible()
+        row = page.locator(f'.ag-row[row-id="{r.info.run_id}"]')
+        expect(row.locator('[col-id="tags.`fix.bias_init`"]')).to_have_text(
+            r.data.tags["fix.bias_init"])
+        expect(row.locator('[col-id="tags.`status`"]')).to_have_text(r.data.tags["status"])
+    assert {r.data.tags["fix.bias_init"] for r in runs} == {"on", "off"}
+    expect(page.locator('.ag-header-cell[col-id="tags.`fix.bias_init`"]')).to_contain_text(
+        "fix.bias_init")
+    shots(page, "1-study-runs")
+
+
+def _group_by_fix(page, runs, shots) -> None:
+    page.get_by_role("button", name="Group by").click()
+    page.get_by_role("menuitemcheckbox", name="fix.bias_init", exact=True).click()
+    page.keyboard.press("Escape")
+    for state in ("on", "off"):
+        n = sum(r.data.tags["fix.bias_init"] == state for r in runs)
+        group = page.locator(".ag-row", has_text=f"Group: {state}")
+        expect(group.first).to_contain_text(str(n))
+    shots(page, "2-grouped-by-fix")
+
+
+def _filter_by_status(page, diverged, others, shots):
+    box = page.get_by_test_id("search-box")
+    box.fill("tags.status = 'diverged'")
+    box.press("Enter")
+    for r in others:
+        expect(page.get_by_text(r.info.run_name, exact=True)).to_have_count(0)
+    for r in diverged:
+        expect(page.get_by_text(r.info.run_name, exact=True)).to_be_visible()
+    expect(page.get_by_text(f"{len(diverged)} matching runs")).to_be_visible()
+    shots(page, "3-filtered-diverged")
+    return diverged[0]
+
+
+def _run_page_chart(page, study, run, shots) -> None:
+    history = study["client"].get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) >= 2, "a diverged run keeps its finite train/loss steps"
+    page.get_by_text(run.info.run_name, exact=True).click()  # open the run, as a person does
+    expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
+    expect(page.get_by_text("fix.bias_init")).to_be_visible()  # its tags, on the overview
+    shots(page, "4-run-overview")
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("train/loss")
+    chart = page.locator(".js-plotly-plot").filter(has_text="Step").first
+    expect(chart).to_be_visible()
+    expect(page.get_by_text(f"{run.info.run_name} (train/loss)")).to_be_visible()  # legend
+    line = chart.locator("path.js-line").first
+    expect(line).to_have_attribute("d", re.compile(r"^M[\d.,e+-]+(L[\d.,e+-]+)+"))
+    shots(page, "5-run-train-loss-chart")
+
+
+@linux_only
+def test_ui_ctrl_c_leaves_no_process_behind(ui):
+    port, served = ui["port"], ui["served"]
+    assert server_pids(port), "the MLflow UI server and its worker are running"
+    assert served.interrupt() == 0
+    assert "stopping the MLflow UI" in "".join(served.out)
+    deadline = time.monotonic() + 30
+    while server_pids(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server_pids(port) == []
+    assert not port_answers(port)
+
+
+def test_ui_port_in_use_is_one_line_error(study):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, str(RUNNER), "ui", "--tracking-uri",
+                            study["tracking"], "--port", str(port)], cwd=study["dir"],
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: port {port} on 127.0.0.1 is in use")
+    assert "Traceback" not in p.stderr
+
+
+def test_ui_without_a_store_is_one_line_error(tmp_path):
+    p = subprocess.run([sys.executable, str(RUNNER), "ui", "--port", str(free_port())],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "no such database" in lines[0] and "runner.py run" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()  # and no empty store left behind
+
+
+def test_dashboard_serves_the_optuna_study(study, tmp_path):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard not installed (dev extra)")
+    import json
+    import urllib.request
+
+    port = free_port()
+    served = Served(study["dir"], "dashboard", "--storage", study["storage"], "--port",
+                    str(port), "--study", "tiny")
+    try:
+        url = served.wait_for_line("study tiny: ").split(": ", 1)[1]
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/dashboard/studies/\d+", url), url
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as r:
+            names = [s["study_name"] for s in json.load(r)["study_summaries"]]
+        assert names == ["tiny"]
+        if sync_playwright is not None and os.access(CHROMIUM, os.X_OK):
+            shots = Shots(tmp_path)
+            with sync_playwright() as p:
+                browser = launch_browser(p)
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.goto(url)
+                expect(page.get_by_text("tiny").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+                expect(page.locator(".js-plotly-plot").first).to_be_visible(
+                    timeout=UI_TIMEOUT_MS)
+                shots(page, "6-optuna-dashboard")
+                browser.close()
+        assert served.interrupt() == 0
+        if Path("/proc/self/cmdline").exists():
+            assert server_pids(port) == []
+    finally:
+        served.kill()
