@@ -33,20 +33,49 @@ class TrainConfig:
     """One training run of the chorus CNN. Defaults are the seed's *fixed* recipe."""
 
     # ---- data -------------------------------------------------------------------------
-    data_source: Literal["synthetic"] = "synthetic"
-    """Where songs come from. `synthetic`: generated pop-form songs (no files needed)."""
+    data_source: Literal["synthetic", "harmonix"] = "synthetic"
+    """Where songs come from. `synthetic`: generated pop-form songs (no files needed), or rendered
+    over real section timelines (`structures`). `harmonix`: your own songs in `data_dir`."""
     n_songs: int = 64
-    """Number of songs generated (synthetic) before the train/val split."""
+    """Number of songs generated (synthetic) before the train/val split; with `structures`, how
+    many of its timelines are used (picked by data_seed). `harmonix` uses every track."""
     data_seed: int = 0
     """Seed of the song generator; fixed across training seeds so runs share one data set."""
     frames: int = 256
     """Frames per training window (example length T)."""
     n_features: int = 64
-    """Feature bands per frame (log-mel-like)."""
+    """Feature bands per frame (log-mel-like); for audio, the number of mel bands."""
     frame_rate: float = 4.0
     """Frames per second of the features (4 Hz = 0.25 s hop)."""
     val_fraction: float = 0.25
     """Share of songs held out for validation (split by song, never by frame)."""
+    data_dir: Optional[str] = None
+    """`harmonix` only: the data root, holding segments/<track>.txt (Harmonix Set format) and per
+    track features/<track>.npy (log-mel [n_mels, frames]) or audio/<track>.{wav,flac,ogg,mp3}.
+    Relative paths are relative to the working directory. See README "Your own songs"."""
+    structures: Optional[str] = None
+    """`synthetic` only: a directory of Harmonix-format segment files (<track>.txt); songs are
+    rendered over n_songs of these real section timelines instead of generated forms."""
+    chorus_labels: tuple[str, ...] = ("chorus", "altchorus", "instchorus", "chorusinst",
+                                      "chorusinstrumental", "quietchorus", "intchorus",
+                                      "introchorus", "choruspart", "chorushalf", "refrain")
+    """Section labels counted as chorus; every other label is non-chorus. Matched ignoring case,
+    punctuation and a trailing number, so `chorus` covers chorus1, Chorus_2. The default is every
+    chorus variant in the Harmonix Set; prechorus and postchorus are non-chorus (model/harmonix.py
+    says why). Add `postchorus` to count it as chorus."""
+    skip_bad_tracks: bool = False
+    """`harmonix` and `structures`: a file that cannot be read (corrupt or truncated audio, a
+    malformed segment file) is skipped with a warning instead of stopping with an error."""
+    cache_dir: Optional[str] = None
+    """Audio features are cached here, keyed by the audio file's content hash and the feature
+    parameters. None = $XDG_CACHE_HOME/chorus-ablations (default ~/.cache/chorus-ablations)."""
+    sample_rate: int = 22050
+    """Audio: decoded audio is mixed to mono and resampled to this rate (Hz)."""
+    n_fft: int = 2048
+    """Audio: FFT size of the mel spectrogram (samples)."""
+    hop_length: int = 512
+    """Audio: hop of the mel spectrogram (samples). Its sample_rate / hop_length frames per second
+    are averaged (in power) down to frame_rate before the log."""
 
     # ---- network ----------------------------------------------------------------------
     hidden_dim: int = 48
@@ -118,6 +147,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_data_fields(self)
         positive_ints = ("n_songs", "frames", "n_features", "hidden_dim", "n_blocks",
                          "kernel_size", "epochs", "steps_per_epoch", "batch_size",
                          "rollback_every", "spike_window")
@@ -188,6 +218,7 @@ class TrainConfig:
         """Plain, JSON-able values (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["classifier_bias"] = list(self.classifier_bias)
+        d["chorus_labels"] = list(self.chorus_labels)
         return d
 
 
@@ -207,6 +238,8 @@ def _describe(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _describe(inner[0]) + " or null"
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:
+        return "a list of labels, e.g. [chorus, postchorus] (or one comma-separated string)"
     if origin is tuple:
         return "a list [verse, chorus] of two numbers"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -233,6 +266,12 @@ def _coerce(tp: Any, value: Any) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(inner[0], value)
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # tuple[str, ...]
+        if isinstance(value, str):  # --set chorus_labels=chorus,postchorus
+            value = [v.strip() for v in value.strip("[]() ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(value)
+        return tuple(_coerce(typing.get_args(tp)[0], v) for v in value)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("[]() ").split(",")]
@@ -279,7 +318,8 @@ def _check_types(cfg: TrainConfig) -> None:
     text is coerced only by from_overrides; here values must already have the field's type."""
     for f in dataclasses.fields(cfg):
         v, tp = getattr(cfg, f.name), _field_type(f.name)
-        text_ok = tp is str or typing.get_origin(tp) is Literal
+        text_ok = (tp is str or typing.get_origin(tp) is Literal
+                   or str in typing.get_args(tp) and typing.get_origin(tp) is not tuple)  # Optional[str]
         try:
             if isinstance(v, str) and not text_ok:
                 raise ValueError(v)
@@ -287,6 +327,31 @@ def _check_types(cfg: TrainConfig) -> None:
         except (TypeError, ValueError):
             raise ConfigError(f"{f.name}: must be {_describe(tp)}, got {v!r}") from None
         object.__setattr__(cfg, f.name, coerced)  # e.g. int -> float, list -> tuple
+
+
+def _check_data_fields(cfg: TrainConfig) -> None:
+    """Which data fields go with which source. Paths are not opened here (a machine that plans a
+    study need not hold the data): model/data.py names a missing path when it reads it."""
+    if cfg.data_source == "harmonix" and cfg.data_dir is None:
+        raise ConfigError("data_dir: data_source harmonix reads songs from data_dir (a directory "
+                          "with segments/ and features/ or audio/), got None")
+    if cfg.data_source != "harmonix" and cfg.data_dir is not None:
+        raise ConfigError(f"data_dir: only read by data_source harmonix, got data_dir="
+                          f"{cfg.data_dir!r} with data_source={cfg.data_source!r}")
+    if cfg.data_source != "synthetic" and cfg.structures is not None:
+        raise ConfigError(f"structures: only for data_source synthetic (real timelines, synthetic "
+                          f"features), got structures={cfg.structures!r} with "
+                          f"data_source={cfg.data_source!r}")
+    if not cfg.chorus_labels or not all(any(c.isalpha() for c in lab) for lab in cfg.chorus_labels):
+        raise ConfigError(f"chorus_labels: must be a non-empty list of section labels, got "
+                          f"{list(cfg.chorus_labels)!r}")
+    for name in ("sample_rate", "n_fft", "hop_length"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}: must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.data_source == "harmonix" and cfg.sample_rate / cfg.hop_length < cfg.frame_rate:
+        raise ConfigError(f"hop_length: the mel spectrogram's sample_rate / hop_length = "
+                          f"{cfg.sample_rate / cfg.hop_length:g} frames/s must be >= frame_rate "
+                          f"{cfg.frame_rate:g}, got hop_length={cfg.hop_length}")
 
 
 def _check_range(name: str, v: float, lo: float, hi: float, open_: bool = False,
