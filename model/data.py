@@ -1,5 +1,7 @@
-"""Songs for the chorus CNN: a synthetic pop-song generator (the embedded default), the split
-by song, and batches of fixed-length windows with padding masks.
+"""Songs for the chorus CNN: a synthetic pop-song generator (the embedded default), synthetic
+songs on real section timelines (`structures`), real songs from files (`harmonix`, parsed and
+featurised in model/harmonix.py), the split by song, and batches of fixed-length windows with
+padding masks.
 
 Synthetic songs follow pop forms whose section lengths match the Harmonix Set (912 songs,
 measured from its segment files: median chorus 20.2 s, verse 22.4 s, intro 13.2 s, pre-chorus
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.config import TrainConfig
+from model import harmonix
+from model.config import ConfigError, TrainConfig
 
 CHORUS = 1  # label of chorus frames; 0 = everything else ("verse" in the seed's wording)
 
@@ -168,19 +171,95 @@ def _synthetic(n_songs: int, data_seed: int, n_features: int, frame_rate: float,
         sections, bar_s = sample_sections(rng)
         songs.append(render_song(f"synth-{data_seed}-{i:04d}", sections, n_features, frame_rate,
                                  rng, bar_s))
-    n_val = min(n_songs - 1, max(1, int(round(n_songs * val_fraction))))
-    order = np.random.default_rng(root.spawn(1)[0]).permutation(n_songs)
+    return _split(songs, val_fraction, root, n_features, frame_rate)
+
+
+def _split(songs: list[Song], val_fraction: float, root: np.random.SeedSequence,
+           n_features: int, frame_rate: float) -> SongData:
+    """Split by song; the permutation comes from the next child of `root`."""
+    n_val = min(len(songs) - 1, max(1, int(round(len(songs) * val_fraction))))
+    order = np.random.default_rng(root.spawn(1)[0]).permutation(len(songs))
     val = tuple(songs[i] for i in sorted(order[:n_val]))
     train = tuple(songs[i] for i in sorted(order[n_val:]))
     return SongData(train, val, n_features, frame_rate)
 
 
+def render_style(label: str, chorus: frozenset[str]) -> str:
+    """The synthetic section type (a key of MEDIAN_SECONDS) that renders a real section label:
+    chorus exactly when the label is chorus under chorus_labels, so labels follow the mapping."""
+    if label in chorus:
+        return "chorus"
+    if label in ("prechorus", "postchorus"):
+        return label
+    for style, words in (("verse", ("verse", "rap")), ("intro", ("intro", "opening", "fadein",
+                                                                   "silence")),
+                         ("outro", ("outro", "ending", "fadeout", "coda"))):
+        if any(w in label for w in words):
+            return style
+    return "bridge"  # bridge, inst, solo, break, transition, section, ...: the in-between sections
+
+
+@functools.lru_cache(maxsize=4)
+def _on_structures(structures: str, n_songs: int, data_seed: int, n_features: int,
+                   frame_rate: float, val_fraction: float, chorus_labels: tuple[str, ...],
+                   skip_bad: bool) -> SongData:
+    """Synthetic features rendered over n_songs real section timelines (picked by data_seed).
+    The unannotated lead-in before the first boundary is cut (time 0 = first section); a last
+    section without an `end` line is left out (its length is unknown)."""
+    forms = [s for s in harmonix.read_segments_dir(structures, chorus_labels, skip_bad)
+             if s.sections]
+    if n_songs > len(forms):
+        raise ConfigError(f"n_songs: {n_songs} asked for, but structures {structures!r} has "
+                          f"{len(forms)} usable segment files; set n_songs <= {len(forms)}")
+    root = np.random.SeedSequence([data_seed, 0x57C7])
+    picked = sorted(np.random.default_rng(root.spawn(1)[0]).permutation(len(forms))[:n_songs])
+    chorus = harmonix.chorus_set(chorus_labels)
+    songs = []
+    for idx, child in zip(picked, root.spawn(n_songs)):
+        form, rng = forms[idx], np.random.default_rng(child)
+        t0 = form.sections[0].start
+        sections = [(render_style(s.label, chorus), s.start - t0, s.end - t0)
+                    for s in form.sections]
+        bar_s = 240.0 / rng.uniform(80, 140)  # tempo is not in the segment file: draw one
+        songs.append(render_song(form.track, sections, n_features, frame_rate, rng, bar_s))
+    return _split(songs, val_fraction, root, n_features, frame_rate)
+
+
+@functools.lru_cache(maxsize=4)
+def _harmonix(data_dir: str, data_seed: int, val_fraction: float, chorus_labels: tuple[str, ...],
+              skip_bad: bool, cache_dir: str | None, params: harmonix.FeatureParams) -> SongData:
+    tracks = harmonix.load_tracks(data_dir, params, chorus_labels, skip_bad, cache_dir)
+    if len(tracks) < 2:
+        raise harmonix.DataError(f"data_dir: {data_dir!r} has {len(tracks)} usable track(s); "
+                                 f"need at least 2 (one to train, one to validate)")
+    songs = [Song(t.track, t.features, t.labels, t.sections) for t in tracks]
+    return _split(songs, val_fraction, np.random.SeedSequence([data_seed, 0x4A2]),
+                  params.n_mels, params.frame_rate)
+
+
 def make_data(cfg: TrainConfig) -> SongData:
-    """The songs a config asks for. Cached per process: cells of a study share their data."""
-    if cfg.data_source == "synthetic":
+    """The songs a config asks for. Cached per process on the data fields: cells of a study
+    share their data. Files that cannot be used raise harmonix.DataError (a ConfigError) naming
+    the file; quirks that were handled are reported as harmonix.HarmonixWarning."""
+    if cfg.data_source == "synthetic" and cfg.structures is None:
         return _synthetic(cfg.n_songs, cfg.data_seed, cfg.n_features, cfg.frame_rate,
                           cfg.val_fraction)
+    if cfg.data_source == "synthetic":
+        return _on_structures(cfg.structures, cfg.n_songs, cfg.data_seed, cfg.n_features,
+                              cfg.frame_rate, cfg.val_fraction, cfg.chorus_labels,
+                              cfg.skip_bad_tracks)
+    if cfg.data_source == "harmonix":
+        params = harmonix.FeatureParams(cfg.frame_rate, cfg.n_features, cfg.sample_rate,
+                                        cfg.n_fft, cfg.hop_length)
+        return _harmonix(cfg.data_dir, cfg.data_seed, cfg.val_fraction, cfg.chorus_labels,
+                         cfg.skip_bad_tracks, cfg.cache_dir, params)
     raise ValueError(f"data_source: unknown {cfg.data_source!r}")
+
+
+def clear_cache() -> None:
+    """Forget the per-process data cache (e.g. after the files under data_dir changed)."""
+    for f in (_synthetic, _on_structures, _harmonix):
+        f.cache_clear()
 
 
 # ------------------------------------------------------------------------------ batching
