@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from ablations import designs
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
-from ablations.tracking import StudyTracker, check_reachable
+from ablations.tracking import StudyTracker, check_reachable, fix_states
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
 
@@ -210,6 +210,29 @@ def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
     return f"{cell.label(spec.factors)} | seed {seed}"
 
 
+def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
+    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
+    def num(v: Optional[float], fmt: str = ".3f") -> str:
+        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
+
+    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
+             f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
+    if res.first_nonfinite_step is not None:
+        where = getattr(res, "first_nonfinite_where", "")
+        lines.append(f"First non-finite value at step {res.first_nonfinite_step}"
+                     + (f" (`{where}`)" if where else "")
+                     + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
+                       f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
+                       f"`nonfinite_events.csv`).")
+    states = fix_states(cfg)
+    by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
+    lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
+                 f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
+                 + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
+    lines.append("Every step, NaN included: `curves.csv` (Artifacts).")
+    return "\n\n".join(lines)
+
+
 def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
@@ -222,7 +245,7 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
                         child.run_id)
     try:
         res = train(cfg, log=child.log)
-        child.finish(res, extra_tags={})
+        child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)})
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
         raise

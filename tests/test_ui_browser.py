@@ -243,12 +243,13 @@ def test_ui_in_a_browser_runs_tags_chart_filter(study, ui, tmp_path):
             _group_by_fix(page, runs, shots)
             opened = _filter_by_status(page, diverged, others, shots)
             _run_page_chart(page, study, opened, shots)
+            _parent_report(page, study, shots)
         except BaseException:
             shots(page, "failure")
             raise
         finally:
             browser.close()
-    assert len(shots.taken) == 5
+    assert len(shots.taken) == 7
 
 
 def _runs_table(page, url: str, runs, shots) -> None:
@@ -302,6 +303,9 @@ def _run_page_chart(page, study, run, shots) -> None:
     page.get_by_text(run.info.run_name, exact=True).click()  # open the run, as a person does
     expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
     expect(page.get_by_text("fix.bias_init")).to_be_visible()  # its tags, on the overview
+    expect(page.get_by_text(re.compile(r"diverged after \d+ steps")).first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"First non-finite value at step \d+")).first
+           ).to_be_visible()  # its description says what happened
     shots(page, "4-run-overview")
     page.get_by_role("tab", name="Model metrics").click()
     page.get_by_placeholder("Search metric charts").fill("train/loss")
@@ -311,6 +315,29 @@ def _run_page_chart(page, study, run, shots) -> None:
     line = chart.locator("path.js-line").first
     expect(line).to_have_attribute("d", re.compile(r"^M[\d.,e+-]+(L[\d.,e+-]+)+"))
     shots(page, "5-run-train-loss-chart")
+
+
+def _parent_report(page, study, shots) -> None:
+    """From the run's overview to its launch (parent) run: the report and its figures."""
+    launch = study["client"].search_runs([study["experiment_id"]], "tags.kind = 'launch'")[0]
+    page.get_by_role("tab", name="Overview").click()
+    page.get_by_role("link", name=launch.info.run_name).click()  # "Parent run" on the overview
+    expect(page.get_by_role("heading", name=launch.info.run_name)).to_be_visible()
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("report", exact=True).first.click()
+    page.get_by_text("report.md", exact=True).click()
+    expect(page.get_by_role("heading", name="Ablation report: tiny")).to_be_visible()
+    shots(page, "6-launch-run-report")
+    figures = [a.path.rsplit("/", 1)[1] for a in study["client"].list_artifacts(
+        launch.info.run_id, "report") if a.path.endswith(".png")]
+    assert figures, "the report's figures are on the launch run"
+    figure = "effects.png" if "effects.png" in figures else figures[0]
+    page.get_by_text(figure, exact=True).click()
+    expect(page.get_by_text(f"report/{figure}", exact=True)).to_be_visible()  # preview title
+    page.wait_for_function(  # the figure itself, loaded and drawn large
+        "() => [...document.images].some(i => i.complete && i.naturalWidth > 200 && "
+        "i.getBoundingClientRect().width > 200)", timeout=UI_TIMEOUT_MS)
+    shots(page, "7-launch-run-figure")
 
 
 @linux_only
@@ -372,7 +399,7 @@ def test_dashboard_serves_the_optuna_study(study, tmp_path):
                 expect(page.get_by_text("tiny").first).to_be_visible(timeout=UI_TIMEOUT_MS)
                 expect(page.locator(".js-plotly-plot").first).to_be_visible(
                     timeout=UI_TIMEOUT_MS)
-                shots(page, "6-optuna-dashboard")
+                shots(page, "8-optuna-dashboard")
                 browser.close()
         assert served.interrupt() == 0
         if Path("/proc/self/cmdline").exists():
