@@ -8,6 +8,8 @@ one run's `train/loss` chart, the runs filtered by `tags.status`. Ctrl-C then st
 no process left behind. Screenshots go to the test's tmp dir and, if set, to
 $CHORUS_SCREENSHOTS.
 
+The tests that need the study are marked slow (run them with `pytest -m slow
+tests/test_ui_browser.py`, as `.ci/run` does); the one-line-error tests stay in the default run.
 The browser tests skip, with the reason, where /usr/bin/chromium or the playwright package is
 missing (a user's machine); `.ci/install_browser` installs Chromium for CI. The MLflow UI is a
 React app that can take 10-30 s to first render on 2 busy cores: every wait is for an element,
@@ -48,6 +50,11 @@ needs_browser = pytest.mark.skipif(
     sync_playwright is None or not os.access(CHROMIUM, os.X_OK),
     reason=("needs the playwright package (pip install -e '.[dev]')" if sync_playwright is None
             else f"needs Debian's Chromium at {CHROMIUM} (bash .ci/install_browser, as root)"))
+# The study-backed tests share one tiny study and one UI server: 45-60 s on an idle 2-core
+# machine, 90-130 s on a busy one (a fresh process imports torch/MLflow, migrates a new MLflow
+# database, trains 8 runs and writes the report; the UI takes ~10 s to answer). Hence slow:
+# `.ci/run` runs them with `pytest -m slow tests/test_ui_browser.py`.
+slow = pytest.mark.slow
 linux_only = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(),
                                 reason="process checks read /proc")
 
@@ -218,6 +225,7 @@ def ui(study):
 
 
 # -------------------------------------------------------------------------------- tests
+@slow
 def test_ui_prints_the_study_runs_url(study, ui):
     url = ui["url"]
     assert url.startswith(f"http://127.0.0.1:{ui['port']}/#/experiments/{study['experiment_id']}"
@@ -228,7 +236,9 @@ def test_ui_prints_the_study_runs_url(study, ui):
 
 
 @needs_browser
+@slow
 def test_ui_in_a_browser_runs_tags_chart_filter(study, ui, tmp_path):
+    assert ui["served"].proc.poll() is None, "runner.py ui must still be serving"
     runs = study["runs"]
     diverged = [r for r in runs if r.data.tags["status"] == "diverged"]
     others = [r for r in runs if r.data.tags["status"] != "diverged"]
@@ -340,9 +350,11 @@ def _parent_report(page, study, shots) -> None:
     shots(page, "7-launch-run-figure")
 
 
+@slow
 @linux_only
 def test_ui_ctrl_c_leaves_no_process_behind(ui):
     port, served = ui["port"], ui["served"]
+    assert served.proc.poll() is None, "runner.py ui is still serving (this test stops it)"
     assert server_pids(port), "the MLflow UI server and its worker are running"
     assert served.interrupt() == 0
     assert "stopping the MLflow UI" in "".join(served.out)
@@ -353,14 +365,14 @@ def test_ui_ctrl_c_leaves_no_process_behind(ui):
     assert not port_answers(port)
 
 
-def test_ui_port_in_use_is_one_line_error(study):
+def test_ui_port_in_use_is_one_line_error(tmp_path):
+    (tmp_path / "mlflow.db").touch()  # the port is checked before the store is opened
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = subprocess.run([sys.executable, str(RUNNER), "ui", "--tracking-uri",
-                            study["tracking"], "--port", str(port)], cwd=study["dir"],
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, str(RUNNER), "ui", "--port", str(port)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.stdout, p.stderr)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: port {port} on 127.0.0.1 is in use")
@@ -376,6 +388,7 @@ def test_ui_without_a_store_is_one_line_error(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # and no empty store left behind
 
 
+@slow
 def test_dashboard_serves_the_optuna_study(study, tmp_path):
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard not installed (dev extra)")
     import json
