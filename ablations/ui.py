@@ -6,7 +6,9 @@ prints the address, it makes each study experiment open as a person wants to see
 
   * the experiment is marked as a model-training one (`mlflow.experimentKind`), and the printed
     address asks for the "Model training" layout (`workflowType=machine_learning`), so the page
-    opens on the runs table, not on MLflow 3's GenAI trace overview;
+    opens on the runs table, not on MLflow 3's GenAI trace overview (MLflow 3.17 drops that
+    choice on links to run pages, which then show its GenAI sidebar until the user picks
+    "Model training" at the top left; it remembers that pick per browser);
   * a saved view "Study runs" (an experiment tag, as the UI's own "Views > Save as new view"
     writes it) shows the columns that matter: the study's factors (`fix.*` tags for fixes,
     params otherwise), `status`, the objective and the non-finite counts, runs sorted by name
