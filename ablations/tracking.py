@@ -3,8 +3,11 @@
 Per-step metrics are buffered in memory and written with `log_batch` (never `log_metric` per
 step: 7.6 ms per value on SQLite vs ~0.05 ms batched, measured here), flushed every
 `flush_every` values, at the end and on failure. Non-finite values are not written as metric
-values (they break MLflow's charts); the `nonfinite/events` curve marks the steps instead, and
-the full-resolution curves artifact (curves.csv) keeps every value, NaN included.
+values (they break MLflow's charts); the full-resolution curves artifact (curves.csv) keeps every
+value, NaN included. train() itself logs the step curves `nonfinite/events`,
+`nonfinite/skipped_steps` and `nonfinite/spikes` at the steps where they change; each run gets
+the table `nonfinite_events.csv` (one row per event: where, statistics, songs, lead-up) and the
+tags `status` and `first_nonfinite_where` ("module:stage") to filter runs by in the UI.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from ablations.fixes import FIXES
 from model.config import TrainConfig
+from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -122,22 +126,14 @@ class ChildRun:
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
         self.buffer: list[Metric] = []
         self.rows: list[tuple[int, str, float]] = []  # full-resolution curves, NaN included
-        self.nonfinite_seen = 0
-        self._last_bad_step: Optional[int] = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer one call of train()'s `log`; the nonfinite/* counts arrive from train() too."""
         ts = _now_ms()
-        bad = 0
         for k, v in metrics.items():
             self.rows.append((step, k, v))
             if math.isfinite(v):
                 self.buffer.append(Metric(k, v, ts, step))
-            else:
-                bad += 1
-        if bad and step != self._last_bad_step:  # one event per step, however many values
-            self._last_bad_step = step
-            self.nonfinite_seen += 1
-            self.buffer.append(Metric("nonfinite/events", float(self.nonfinite_seen), ts, step))
         if len(self.buffer) >= self.flush_every:
             self.flush()
 
@@ -154,7 +150,8 @@ class ChildRun:
                    if math.isfinite(v)]
         first = result.first_nonfinite_step
         tags = {"status": result.status,
-                "first_nonfinite_step": "" if first is None else str(first), **extra_tags}
+                "first_nonfinite_step": "" if first is None else str(first),
+                "first_nonfinite_where": result.first_nonfinite_where, **extra_tags}
         self.client.log_batch(self.run_id, metrics=outcome,
                               tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_text(self.run_id, self._curves_csv(), "curves.csv")
@@ -184,11 +181,12 @@ class ChildRun:
 
 
 def _events_csv(result: TrainResult) -> str:
+    """One row per event (non-finite or spike warning); the first six columns are the original
+    table's, the rest come from model.nonfinite.event_row (forensics flattened, lead-up)."""
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["step", "epoch", "kind", "action", "loss", "grad_norm"])
-    for e in result.events:
-        w.writerow([e.step, e.epoch, e.kind, e.action, e.loss, e.grad_norm])
+    w = csv.DictWriter(buf, fieldnames=EVENT_COLUMNS)
+    w.writeheader()
+    w.writerows(event_row(e) for e in result.events)
     return buf.getvalue()
 
 

@@ -2,11 +2,15 @@
 
 `log(metrics, step)` is the only way out; the default does nothing, so tests and benchmarks need
 no tracking server. Every step logs train/loss, train/grad_norm (pre-clip total norm),
-train/lr and train/chorus_pct; every epoch val/loss, val/chorus_f1, val/chorus_pct, val/accuracy.
+train/lr and train/chorus_pct; every epoch val/loss, val/chorus_f1, val/chorus_pct, val/accuracy;
+and at the steps where they change the counts nonfinite/events, nonfinite/skipped_steps and
+nonfinite/spikes (never logged in a run without events).
 
 Non-finite checks cost nothing extra: the loss and the total grad norm are computed anyway (the
 norm for clipping and logging), and both are read in the same single device sync that logging
-needs. Only when one is non-finite does the loop do more work (check parameters, apply the policy).
+needs. Only when one is non-finite does the loop do more work: check the parameters, replay the
+batch to find where it went non-finite (model/nonfinite.py), apply the policy. Per step it also
+keeps the lead-up floats, the spike check and the dropout RNG state (all host-side, no sync).
 """
 
 from __future__ import annotations
@@ -22,26 +26,18 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from model.cnn import ChorusCNN
 from model.config import TrainConfig, resolve_device
-from model.data import SongData, WindowSampler, eval_batches, make_data
+from model.data import Batch, SongData, WindowSampler, eval_batches, make_data
 from model.metrics import FrameCounts, count_frames, is_collapsed, masked_cross_entropy, predicted_chorus
+from model.nonfinite import (MAX_ROLLBACKS, Forensics, Monitor, NonFiniteEvent, Snapshot,
+                             locate_eval, locate_params, replay, rng_state, uses_rng)
+
+__all__ = ["LogFn", "NonFiniteEvent", "TrainResult", "no_log", "train"]
 
 LogFn = Callable[[dict[str, float], int], None]
 
 
 def no_log(metrics: dict[str, float], step: int) -> None:
     """The default `log`: drop everything."""
-
-
-@dataclass
-class NonFiniteEvent:
-    """One step whose loss or grad norm was non-finite, and what the policy did about it."""
-
-    step: int
-    epoch: int
-    kind: str  # "loss" | "grad_norm" | "params" | "val_outputs"
-    action: str  # "stopped" | "skipped" | "zeroed"
-    loss: float
-    grad_norm: float
 
 
 @dataclass
@@ -52,9 +48,17 @@ class TrainResult:
     steps: int
     epochs: int
     first_nonfinite_step: Optional[int] = None
+    first_nonfinite_where: str = ""  # "module:stage" (a string: a tag, not in outcome())
     nonfinite_events: int = 0
-    skipped_steps: int = 0
+    events_loss: int = 0  # non-finite events by kind ...
+    events_grad_norm: int = 0
+    events_params: int = 0
+    events_val_outputs: int = 0
+    recovered_events: int = 0  # ... of which the next `lead_up` steps were finite
+    skipped_steps: int = 0  # updates skipped (non-finite, or a spike under spike_action=skip)
     zeroed_steps: int = 0
+    rollbacks: int = 0
+    spikes: int = 0  # grad-norm spike warnings
     max_grad_norm: float = float("nan")
     final_grad_norm: float = float("nan")
     final_train_loss: float = float("nan")
@@ -72,6 +76,7 @@ class TrainResult:
         d = dataclasses.asdict(self)
         d.pop("events")
         d.pop("status")
+        d.pop("first_nonfinite_where")
         return {k: (float("nan") if v is None else float(v)) for k, v in d.items()}
 
 
@@ -107,6 +112,34 @@ def params_finite(params: list[torch.nn.Parameter]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def _record(res: TrainResult, mon: Monitor, ev: NonFiniteEvent,
+            found: Optional[Forensics]) -> None:
+    """Add an event to the result and the monitor (lead-up, recovery, curves)."""
+    if found is not None:
+        ev.forensics, ev.where = found, found.where
+    mon.record(ev)
+    res.events.append(ev)
+    res.skipped_steps += ev.action == "skipped"
+    res.rollbacks += ev.action == "rolled_back"
+    if ev.kind == "grad_spike":
+        res.spikes += 1
+        return
+    res.nonfinite_events += 1
+    setattr(res, f"events_{ev.kind}", getattr(res, f"events_{ev.kind}") + 1)
+    if res.first_nonfinite_step is None:
+        res.first_nonfinite_step, res.first_nonfinite_where = ev.step, ev.where
+
+
+def _action(cfg: TrainConfig, params_ok: bool, res: TrainResult) -> str:
+    """What the policy does with a non-finite step."""
+    if cfg.nonfinite == "rollback":
+        return "rolled_back" if res.rollbacks < MAX_ROLLBACKS else "stopped"
+    # Parameters that already went non-finite cannot be recovered by stop, skip or zero.
+    if cfg.nonfinite == "stop" or not params_ok:
+        return "stopped"
+    return "skipped" if cfg.nonfinite == "skip" else "zeroed"
+
+
 def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -> TrainResult:
     """Train one configuration and return its outcome. Deterministic on CPU for a given seed."""
     t_start = time.perf_counter()
@@ -119,6 +152,12 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
     sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
     val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
     res = TrainResult(status="converged", steps=0, epochs=0)
+    mon = Monitor(cfg.lead_up, cfg.spike_factor, cfg.spike_window, log)
+    keep_rng = cfg.forensics and uses_rng(model)  # a replay needs the step's dropout masks
+    snapshot = Snapshot() if cfg.nonfinite == "rollback" else None
+    if snapshot is not None:
+        snapshot.take(0, model, opt)
+    last_update: tuple[int, Optional[Batch]] = (0, None)  # step and batch of the latest update
     max_gn = -math.inf
     stopped = False
     step = 0
@@ -128,6 +167,7 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
         for _ in range(cfg.steps_per_epoch):
             step += 1
             b = sampler.next().to(device)
+            rng = rng_state(device) if keep_rng else None
             logits = model(b.x, b.mask)  # [B, T, 2]
             loss = masked_cross_entropy(logits, b.y, b.mask)
             opt.zero_grad(set_to_none=True)
@@ -144,31 +184,46 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
             log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
                  "train/chorus_pct": pct_v}, step)
             res.final_train_loss, res.final_grad_norm = loss_v, gn_v
+            mon.step(step, loss_v, gn_v, lr)
 
             if math.isfinite(loss_v) and math.isfinite(gn_v):
                 max_gn = max(max_gn, gn_v)
+                if mon.is_spike(gn_v):
+                    skip = cfg.spike_action == "skip"
+                    _record(res, mon, NonFiniteEvent(step, epoch, "grad_spike",
+                                                     "skipped" if skip else "recorded",
+                                                     loss_v, gn_v, lr), None)
+                    mon.emit(step)
+                    if skip:
+                        continue
+                if snapshot is not None and step % cfg.rollback_every == 0 and params_finite(params):
+                    snapshot.take(step, model, opt)  # the pre-update state of a finite step
                 if cfg.grad_clip is not None:
                     clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
             else:
-                kind = "loss" if not math.isfinite(loss_v) else "grad_norm"
-                res.nonfinite_events += 1
-                if res.first_nonfinite_step is None:
-                    res.first_nonfinite_step = step
-                # Parameters that already went non-finite cannot be recovered by any policy.
-                if cfg.nonfinite == "stop" or not params_finite(params):
-                    kind = kind if params_finite(params) else "params"
-                    res.events.append(NonFiniteEvent(step, epoch, kind, "stopped", loss_v, gn_v))
+                params_ok = params_finite(params)
+                kind = ("params" if not params_ok else
+                        "loss" if not math.isfinite(loss_v) else "grad_norm")
+                found = None
+                if cfg.forensics:  # before any policy acts: parameters are still pre-step
+                    found = (replay(model, b, masked_cross_entropy, rng, device, cfg.anomaly_mode)
+                             if params_ok else
+                             locate_params(model, opt, last_update[1], last_update[0],
+                                           cfg.param_clamp))
+                action = _action(cfg, params_ok, res)
+                _record(res, mon, NonFiniteEvent(step, epoch, kind, action, loss_v, gn_v, lr), found)
+                mon.emit(step)
+                if action == "stopped":
                     stopped = True
                     break
-                if cfg.nonfinite == "skip":
-                    res.skipped_steps += 1
-                    res.events.append(NonFiniteEvent(step, epoch, kind, "skipped", loss_v, gn_v))
+                if action == "rolled_back":
+                    snapshot.restore(model, opt)
+                if action != "zeroed":
                     continue
                 # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
                 for g in grads:
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
                 res.zeroed_steps += 1
-                res.events.append(NonFiniteEvent(step, epoch, kind, "zeroed", loss_v, gn_v))
                 if cfg.grad_clip is not None:
                     clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
             opt.step()
@@ -176,21 +231,36 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
                 with torch.no_grad():
                     torch._foreach_clamp_min_(params, -cfg.param_clamp)
                     torch._foreach_clamp_max_(params, cfg.param_clamp)
+            last_update = (step, b)
         res.steps = step
         if stopped:
             break
         res.epochs = epoch
         counts = evaluate(model, val_batches, device)
-        if not math.isfinite(counts.loss()):
+        rolled = False
+        while not math.isfinite(counts.loss()):
             # Parameters may be finite yet so large that the outputs are not (seen with skip/zero
-            # at huge lr): the model is dead whatever the policy. That is divergence.
-            res.nonfinite_events += 1
-            res.first_nonfinite_step = res.first_nonfinite_step or step
-            kind = "val_outputs" if params_finite(params) else "params"
-            res.events.append(NonFiniteEvent(step, epoch, kind, "stopped",
-                                             counts.loss(), res.final_grad_norm))
-            log({"val/loss": counts.loss()}, step)
-            stopped = True
+            # at huge lr): the model is dead whatever the policy, unless it can be rolled back.
+            params_ok = params_finite(params)
+            found = None
+            if cfg.forensics:
+                found = (locate_eval(model, val_batches, device) if params_ok else
+                         locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp))
+            # A rollback is tried once: if the restored state fails validation too, it is stopped.
+            action = ("rolled_back" if not rolled and _action(cfg, True, res) == "rolled_back"
+                      else "stopped")
+            _record(res, mon, NonFiniteEvent(step, epoch, "val_outputs" if params_ok else "params",
+                                             action, counts.loss(), res.final_grad_norm,
+                                             opt.param_groups[0]["lr"]), found)
+            mon.emit(step)
+            if action == "stopped":
+                log({"val/loss": counts.loss()}, step)
+                stopped = True
+                break
+            snapshot.restore(model, opt)
+            rolled = True
+            counts = evaluate(model, val_batches, device)
+        if stopped:
             break
         f1 = counts.f1() if math.isfinite(counts.loss()) else float("nan")
         res.final_val_loss, res.final_val_f1 = counts.loss(), f1
@@ -200,12 +270,16 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
         log({"val/loss": counts.loss(), "val/chorus_f1": f1, "val/chorus_pct": counts.chorus_pct(),
              "val/accuracy": counts.accuracy()}, step)
 
-    if not stopped and not params_finite(params):  # e.g. a last step that overflowed
+    if not stopped and not params_finite(params):  # e.g. a parameter no output depends on
         stopped = True
-        res.events.append(NonFiniteEvent(step, res.epochs, "params", "stopped",
-                                         res.final_train_loss, res.final_grad_norm))
-        res.nonfinite_events += 1
-        res.first_nonfinite_step = res.first_nonfinite_step or step
+        found = (locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp)
+                 if cfg.forensics else None)
+        _record(res, mon, NonFiniteEvent(step, res.epochs, "params", "stopped",
+                                         res.final_train_loss, res.final_grad_norm,
+                                         opt.param_groups[0]["lr"]), found)
+        mon.emit(step)
+    mon.close(stopped)
+    res.recovered_events = sum(e.recovered is True for e in res.events if e.kind != "grad_spike")
     if stopped:
         res.status = "diverged"
         # A diverged model has no meaningful validation score: say so with NaN, not 0.
