@@ -60,7 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    res = train(cfg, log=log)
+    try:
+        res = train(cfg, log=log)
+    except ConfigError as e:  # e.g. a data directory that does not exist (model.harmonix.DataError)
+        raise _BadInput(str(e)) from None
     first = "-" if res.first_nonfinite_step is None else res.first_nonfinite_step
     print(f"status {res.status}  final val/chorus_f1 {_fmt(res.final_val_f1)}  "
           f"best {_fmt(res.best_val_f1)}  val/chorus_pct {_fmt(res.final_val_chorus_pct, 2)}  "
