@@ -64,7 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = train(cfg, log=log)
     except ConfigError as e:  # e.g. a data directory that does not exist (model.harmonix.DataError)
         raise _BadInput(str(e)) from None
-    first = "-" if res.first_nonfinite_step is None else res.first_nonfinite_step
+    first = ("-" if res.first_nonfinite_step is None else
+             f"{res.first_nonfinite_step}" + (f" in {res.first_nonfinite_where}"
+                                               if res.first_nonfinite_where else ""))
     print(f"status {res.status}  final val/chorus_f1 {_fmt(res.final_val_f1)}  "
           f"best {_fmt(res.best_val_f1)}  val/chorus_pct {_fmt(res.final_val_chorus_pct, 2)}  "
           f"max grad_norm {_fmt(res.max_grad_norm)}  non-finite events {res.nonfinite_events} "

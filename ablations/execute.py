@@ -292,6 +292,7 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     value = objective_value(spec, res)
     outcome = {"status": res.status, "objective": value, "wall_time_s": res.wall_time_s,
                "first_nonfinite_step": res.first_nonfinite_step,
+               "first_nonfinite_where": res.first_nonfinite_where,
                **{f"outcome.{k}": v for k, v in res.outcome().items()}}
     for k, v in outcome.items():
         trial.set_user_attr(k, v)
