@@ -32,7 +32,7 @@ from model.train import train  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=8, help="8 = the default run (320 steps)")
     ap.add_argument("--bookkeeping-runs", type=int, default=12)
     args = ap.parse_args()
 
