@@ -87,10 +87,10 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
                                label=f"{name}: diverged ({len(div)})")
             if logy:
                 ax.set_yscale("log")
-                fmt = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.7, not 7x10^-1
-                ax.yaxis.set_major_formatter(fmt)
-                ax.yaxis.set_minor_formatter(fmt)
-                ax.tick_params(axis="y", which="minor", labelsize=6)
+                # ticks at 1-2-5 steps labelled 0.2, not 2x10^-1; no crowded minor labels
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             if metric == "train/chorus_pct":
                 ax.axhspan(0, 1, color="grey", alpha=0.15)
                 ax.axhspan(99, 100, color="grey", alpha=0.15)
