@@ -18,8 +18,8 @@ Tables go to stdout (Markdown); one progress line per run goes to stderr.
                   of the brief, plus nan_zeroing -> nonfinite=stop since it is a default now)
    Columns: status counts, final val/chorus_f1 mean ± sd over the runs that did not diverge
    (a diverged run has no F1; how many diverged is in the counts; a non-diverged run whose F1
-   is NaN is counted apart), mean max pre-clip grad norm, mean wall seconds of train() (wall
-   time on a shared machine: the load average at start and end is printed).
+   is NaN is counted apart), mean max pre-clip grad norm, mean (and median) wall seconds of
+   train() (wall time on a shared machine: the load average at start and end is printed).
 3. Learning-rate ladder (1e-4 .. 10; the non-finite policy is each family's own), --ladder-seeds seeds each (default min(3, --seeds)):
      fixed, adamw, grad_clip=None    fixed, sgd (momentum 0.9), grad_clip=None
      all-broken, adamw (as defined: grad_clip=1.0)    all-broken, adamw, grad_clip=None
@@ -74,6 +74,23 @@ QUICK_LADDER = [1e-3, 1e-1, 10.0]
 STATUSES = ("converged", "recovered", "collapsed", "diverged")
 
 
+def code_state() -> str:
+    """The commit and whether model/ has uncommitted edits (other work changes it concurrently)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "model"], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return "code: git state unknown"
+    return f"code: HEAD {head}" + (f", uncommitted in model/: {', '.join(dirty)}" if dirty else
+                                   ", model/ clean")
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -95,7 +112,10 @@ def run_many(label: str, overrides: dict[str, Any], seeds: list[int], data) -> l
 
 
 def counts(results: list[TrainResult]) -> str:
-    return "/".join(str(sum(r.status == s for r in results)) for s in STATUSES)
+    """converged/recovered/collapsed/diverged, plus any other status train() may return."""
+    out = "/".join(str(sum(r.status == s for r in results)) for s in STATUSES)
+    other = sorted({r.status for r in results} - set(STATUSES))
+    return out + "".join(f" +{sum(r.status == o for r in results)} {o}" for o in other)
 
 
 def f1_cell(results: list[TrainResult]) -> str:
@@ -119,6 +139,11 @@ def nonfinite_cell(results: list[TrainResult]) -> str:
     return ", ".join("-" if r.first_nonfinite_step is None
                      else f"{r.first_nonfinite_step} ({r.nonfinite_events}/{r.steps})"
                      for r in results)
+
+
+def wall_cell(results: list[TrainResult]) -> str:
+    w = [r.wall_time_s for r in results]
+    return f"{statistics.fmean(w):.1f} ({statistics.median(w):.1f})"
 
 
 def mean_finite(values: list[float], fmt: str = ".3g") -> str:
@@ -147,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {resolve_device(base.device)}")
     print(f"fixed recipe = TrainConfig() defaults: {base.to_dict()}")
+    print(code_state())
     print(f"load average at start: {_load()}")
     print()
     print("## Baselines (validation songs)")
@@ -168,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     print("status counts = converged/recovered/collapsed/diverged; F1 = final val/chorus_f1, "
           "mean ± sd over non-diverged runs; max grad norm = pre-clip")
     print()
-    print("| recipe | status counts | final val F1 | mean max grad norm | mean wall s |")
+    print("| recipe | status counts | final val F1 | mean max grad norm | mean (median) wall s |")
     print("|---|---|---|---:|---:|")
     for label, res in rows:
         print(f"| {label} | {counts(res)} | {f1_cell(res)} | "
               f"{mean_finite([r.max_grad_norm for r in res])} | "
-              f"{mean_finite([r.wall_time_s for r in res], '.1f')} |")
+              f"{wall_cell(res)} |")
     print(flush=True)
 
     lrs = QUICK_LADDER if args.quick else LADDER
