@@ -6,6 +6,7 @@ Run from the repository root (the full run takes 15-20 minutes on 2 CPU cores):
     .venv/bin/python benchmarks/recipes.py                 > /tmp/recipes.txt
     .venv/bin/python benchmarks/recipes.py --quick         # fewer configs, a few minutes
     .venv/bin/python benchmarks/recipes.py --seeds 3 --ladder-seeds 2
+    .venv/bin/python benchmarks/recipes.py --part ladder  # only the lr ladder (or --part recipes)
 
 Tables go to stdout (Markdown); one progress line per run goes to stderr.
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeds per lr in the ladder (default min(3, --seeds))")
     ap.add_argument("--quick", action="store_true",
                     help="fewer configs: no leave-one-out rows, ladder lr in {1e-3, 1e-1, 10}")
+    ap.add_argument("--part", choices=("all", "recipes", "ladder"), default="all",
+                    help="run only the recipes table or only the lr ladder (default: all)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -184,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
 
     seeds = list(range(args.seeds))
+    if args.part != "ladder":
+        recipes_table(args, seeds, data)
+    if args.part != "recipes":
+        ladder_tables(args, ladder_seeds, data)
+    print(f"total time {time.perf_counter() - t_all:.0f} s; load average at end: {_load()} "
+          f"(wall seconds are inflated by other work on a shared machine)")
+    return 0
+
+
+def recipes_table(args: argparse.Namespace, seeds: list[int], data) -> None:
     recipes: list[tuple[str, dict[str, Any]]] = [("fixed (defaults)", {}), ("all-broken", BROKEN)]
     if not args.quick:
         recipes += [(f"fixed - {name} (off: {', '.join(f'{k}={v}' for k, v in o.items())})", o)
@@ -202,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{wall_cell(res)} |")
     print(flush=True)
 
+
+def ladder_tables(args: argparse.Namespace, ladder_seeds: int, data) -> None:
     lrs = QUICK_LADDER if args.quick else LADDER
     lseeds = list(range(ladder_seeds))
     families: list[tuple[str, dict[str, Any]]] = [
@@ -225,9 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {lr:g} | {counts(res)} | {f1_cell(res)} | {nonfinite_cell(res)} | "
                   f"{mean_finite([r.max_grad_norm for r in res])} |", flush=True)
         print(flush=True)
-    print(f"total time {time.perf_counter() - t_all:.0f} s; load average at end: {_load()} "
-          f"(wall seconds are inflated by other work on a shared machine)")
-    return 0
 
 
 if __name__ == "__main__":
