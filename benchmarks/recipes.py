@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ablations.fixes import FIXES as SEED_FIXES, recipe  # noqa: E402
+from benchmarks._env import code_state, load_average  # noqa: E402
 
 from model.baselines import constant_chorus_f1, linear_frame_f1  # noqa: E402
 import torch  # noqa: E402
@@ -54,49 +55,13 @@ from model.train import TrainResult, train  # noqa: E402
 
 warnings.filterwarnings("ignore", category=HighLearningRateWarning)
 
-BROKEN: dict[str, Any] = dict(classifier_bias=(0.02, 0.0), param_clamp=0.5, residual_scale=0.1,
-                              norm="batch", grad_clip=1.0, lr=1e-3, input_norm=False,
-                              nonfinite="stop")
+BROKEN: dict[str, Any] = recipe(baseline="broken")  # every fix and safeguard off
 # Each fix of the seed, and the override that turns it off (back to the seed's broken value).
-FIXES: list[tuple[str, dict[str, Any]]] = [
-    ("bias_init", dict(classifier_bias=(0.02, 0.0))),
-    ("no_clamp", dict(param_clamp=0.5)),
-    ("plain_residual", dict(residual_scale=0.1)),
-    ("layer_norm", dict(norm="batch")),
-    ("clip_0_5", dict(grad_clip=1.0)),
-    ("low_lr", dict(lr=1e-3)),
-    ("input_norm", dict(input_norm=False)),
-    # Not in the original list of seven: TrainConfig's default became nonfinite="zero" (the seed's
-    # "NaN zeroing", ablations/fixes.py `nan_zeroing`), so leaving it out means nonfinite="stop".
-    ("nan_zeroing", dict(nonfinite="stop")),
-]
+FIXES: list[tuple[str, dict[str, Any]]] = [(name, dict(fix.before))
+                                          for name, fix in SEED_FIXES.items()]
 LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]
 QUICK_LADDER = [1e-3, 1e-1, 10.0]
 STATUSES = ("converged", "recovered", "collapsed", "diverged")
-
-
-def code_state() -> str:
-    """The commit and whether model/ has uncommitted edits (other work changes it concurrently)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "model"], cwd=root,
-                               text=True, capture_output=True, check=True).stdout.split("\n")
-        dirty = [ln[3:] for ln in dirty if ln.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        return "code: git state unknown"
-    return f"code: HEAD {head}" + (f", uncommitted in model/: {', '.join(dirty)}" if dirty else
-                                   ", model/ clean")
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def run_many(label: str, overrides: dict[str, Any], seeds: list[int], data) -> list[TrainResult]:
@@ -176,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
           f"device {resolve_device(base.device)}")
     print(f"fixed recipe = TrainConfig() defaults: {base.to_dict()}")
     print(code_state())
-    print(f"load average at start: {_load()}")
+    print(f"load average at start: {load_average()}")
     print()
     print("## Baselines (validation songs)")
     print()
@@ -191,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes_table(args, seeds, data)
     if args.part != "recipes":
         ladder_tables(args, ladder_seeds, data)
-    print(f"total time {time.perf_counter() - t_all:.0f} s; load average at end: {_load()} "
+    print(f"total time {time.perf_counter() - t_all:.0f} s; load average at end: {load_average()} "
           f"(wall seconds are inflated by other work on a shared machine)")
     return 0
 

@@ -46,13 +46,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._env import code_state, load_average  # noqa: E402
 
 import torch  # noqa: E402
 from torch.nn.utils import clip_grad_norm_  # noqa: E402
@@ -62,30 +62,6 @@ from model.config import TrainConfig, resolve_device  # noqa: E402
 from model.data import WindowSampler, make_data  # noqa: E402
 from model.metrics import masked_cross_entropy  # noqa: E402
 from model.train import build_optimizer, train  # noqa: E402
-
-
-def code_state() -> str:
-    """The commit and whether model/ has uncommitted edits (other work changes it concurrently)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "model"], cwd=root,
-                               text=True, capture_output=True, check=True).stdout.split("\n")
-        dirty = [ln[3:] for ln in dirty if ln.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        return "code: git state unknown"
-    return f"code: HEAD {head}" + (f", uncommitted in model/: {', '.join(dirty)}" if dirty else
-                                   ", model/ clean")
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _sync(device: str) -> None:
@@ -153,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"steps/repeat {args.steps}, pairs {args.repeats}, batch {cfg.batch_size}x{cfg.frames}, "
           f"optimizer {cfg.optimizer} lr {cfg.lr:g}, grad_clip {cfg.grad_clip}")
     print(code_state())
-    print(f"load average at start: {_load()}")
+    print(f"load average at start: {load_average()}")
 
     # Untimed warm-up of both arms (allocator, kernels, first-call costs).
     warm = dataclasses.replace(cfg, steps_per_epoch=min(20, args.steps))
@@ -180,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     la, lb = rows[-1][2], rows[-1][3]
     print(f"same work check: final train loss train()={la:.6f} bare={lb:.6f} -> "
           f"{'identical runs' if same else 'MISMATCH (arms differ)'}")
-    print(f"load average at end: {_load()}")
+    print(f"load average at end: {load_average()}")
     print(f"train()/bare steps/s ratio: {med_a / med_b:.3f} (target >= 0.97)")
     return 0
 
