@@ -55,8 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "val/loss" in metrics:
             epoch = step // cfg.steps_per_epoch
             print(f"epoch {epoch:>3}/{cfg.epochs}  step {step:>5}  "
-                  f"val/loss {metrics['val/loss']:.4f}  val/chorus_f1 {metrics['val/chorus_f1']:.3f}  "
-                  f"val/chorus_pct {metrics['val/chorus_pct']:6.2f}  ({time.perf_counter() - t0:.1f} s)",
+                  f"val/loss {metrics['val/loss']:.4f}  val/chorus_f1 {metrics.get('val/chorus_f1', math.nan):.3f}  "
+                  f"val/chorus_pct {metrics.get('val/chorus_pct', math.nan):6.2f}  ({time.perf_counter() - t0:.1f} s)",
                   flush=True)
 
     t0 = time.perf_counter()
