@@ -99,12 +99,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ablations.execute import StoreError, launch
 
     spec = _load_spec(args.study)
-    if args.workers < 1:
-        raise _BadInput(f"--workers {args.workers}: must be >= 1")
+    if args.workers < 0:
+        raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
     try:
-        res = launch(spec, args.storage, args.tracking_uri, args.workers)
+        res = launch(spec, args.storage, args.tracking_uri, args.workers,
+                     device=_device(args.device))
     except StoreError as e:
         raise _BadInput(str(e)) from None
+    if args.workers == 0:
+        print(f"{res.done}/{res.total} runs done; the rest are queued. Progress: python runner.py "
+              f"status {args.study} --storage {args.storage}")
+        return 0
     _print_summary(spec, res.summary)
     if res.done and not args.no_report and not res.interrupted:
         _report(spec, args.study, args.tracking_uri, Path(args.report_dir or f"reports/{spec.name}"))
@@ -170,19 +175,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(device: str | None) -> str | None:
+    """--device: validated like TrainConfig.device, and CUDA must be there if asked for."""
+    if device is None:
+        return None
+    from model.config import ConfigError, TrainConfig, resolve_device
+
+    try:
+        TrainConfig(device=device)
+        resolve_device(device)
+    except ConfigError as e:
+        raise _BadInput(f"--device {device}: {str(e).removeprefix('device: ')}") from None
+    return device
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ablations.execute import Progress, StoreError, WorkerContext, work
+    from ablations.execute import (Progress, StoreError, count_done, join, load_study, study_status,
+                                   threads_per_worker, work)
+    from ablations.storage import open_storage
 
     spec = _load_spec(args.study)
-    ctx = WorkerContext(spec, args.storage, args.tracking_uri, parent_run_id=None)
+    if args.threads is not None and args.threads < 1:
+        raise _BadInput(f"--threads {args.threads}: must be >= 1")
     try:
-        n = work(ctx, on_done=Progress(total=0, already=0, workers=1))
-    except KeyError:
-        raise _BadInput(f"study {spec.name!r} not found in {args.storage}; start it with "
-                        f"`python runner.py run {args.study} --storage ...` first") from None
+        ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
+                   threads=args.threads or threads_per_worker(args.local_workers),
+                   wait=not args.no_wait)
+        st = study_status(spec, args.storage)
+        print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
+              f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
+              + (f", device {ctx.device}" if ctx.device else ""), flush=True)
+        study = load_study(spec, open_storage(args.storage))
+        progress = Progress(total=st["total"] or 0, already=st["done"], workers=1,
+                            done_fn=lambda: count_done(study, spec))
+        n = work(ctx, on_done=progress)
     except StoreError as e:
         raise _BadInput(str(e)) from None
-    print(f"worker done: {n} runs executed; no queued run left")
+    print(f"worker done: {n} runs executed here; no queued run left")
     return 0
 
 
@@ -219,9 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run (or resume) a study file")
     r.add_argument("study", help="study file, e.g. studies/quick.yaml")
-    r.add_argument("--workers", type=int, default=1, help="local worker processes (cores are split)")
+    r.add_argument("--workers", type=int, default=1,
+                   help="local worker processes (cores are split); 0 only queues the runs for "
+                        "`runner.py worker` processes started here or on other machines")
     r.add_argument("--report-dir", default=None, help="where the report goes (default reports/NAME)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.add_argument("--device", default=None,
+                   help="run every run on this device (cpu, cuda, cuda:N); default: the study's")
     stores(r)
     r.set_defaults(func=cmd_run)
 
@@ -232,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="join a running study (from any machine) until no run is left")
     w.add_argument("study")
+    w.add_argument("--device", default=None,
+                   help="run every run here on this device (cpu, cuda, cuda:N); default: the study's")
+    w.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: this machine's cores / --local-workers)")
+    w.add_argument("--local-workers", type=int, default=1, metavar="N",
+                   help="how many workers you start on this machine, to split its cores (default 1)")
+    w.add_argument("--no-wait", action="store_true",
+                   help="exit when nothing is queued, even while other workers still run")
     stores(w)
     w.set_defaults(func=cmd_worker)
 

@@ -20,78 +20,45 @@ cell, trained at every seed (one MLflow run each), and its value is the mean ove
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import signal
+import socket
 import statistics
 import sys
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from ablations import designs
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
+from ablations.storage import StoreError, heartbeat_s, open_storage, queue_lock, rdb, stale_trials
 from ablations.tracking import StudyTracker, check_reachable, fix_states
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_TRACKING = "sqlite:///mlflow.db"  # MLflow's own default store
-HEARTBEAT_S = 10  # a RUNNING trial whose heartbeat is older than GRACE_S is stale
-GRACE_S = 60
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on every MLflow run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); we rely on them.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # We keep our own heartbeat thread around study.ask(); Optuna warns that ask() has none.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-
-
-class StoreError(RuntimeError):
-    """A storage or tracking store that cannot be opened; one line for the user."""
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna storage with heartbeats (stale-trial detection) and patient SQLite locking."""
-    if url.startswith("sqlite:"):
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}},
-                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    if url.startswith(("postgresql", "mysql")):
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    raise StoreError(f"--storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
-
-
-@contextlib.contextmanager
-def queue_lock(storage_url: str) -> Iterator[None]:
-    """Serialise popping a queued trial between local processes on SQLite.
-
-    Optuna pops with SELECT ... FOR UPDATE, which SQLite ignores: two processes can claim the same
-    waiting trial (measured: 2 workers ran 1 of 8 runs twice, then one crashed). SQLite is a
-    single-machine store, so a file lock beside the database makes the pop atomic. PostgreSQL
-    and MySQL honour FOR UPDATE and need nothing.
-    """
-    if not storage_url.startswith("sqlite:///"):
-        yield
-        return
-    path = storage_url[len("sqlite:///"):] + ".lock"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -138,14 +105,31 @@ def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) ->
                                                                       run.cell.assignment)}
     params["seed"] = run.seed
     study.enqueue_trial(params, user_attrs={
+        "enqueue_id": uuid.uuid4().hex,  # lets a retried enqueue find itself instead of doubling
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
         "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
         "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())})
 
 
-def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run]) -> QueueState:
-    """Mark stale trials failed, then enqueue every run that is neither done, queued nor given up."""
-    optuna.storages.fail_stale_trials(study)
+def fail_lost(study: optuna.Study, tracker: Optional[StudyTracker]) -> list[optuna.trial.FrozenTrial]:
+    """Fail the trials of workers that stopped beating, and mark their MLflow runs KILLED."""
+    lost = stale_trials(study)
+    if tracker is not None:
+        for t in lost:
+            # by tag, not by the trial's mlflow_run_id: a worker killed just after creating its
+            # MLflow run has not recorded the id on the trial yet
+            for run_id in tracker.running_runs_of_trial(t.number):
+                tracker.mark_lost(run_id, t.user_attrs.get("error", "worker lost"))
+    return lost
+
+
+def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run],
+              tracker: Optional[StudyTracker] = None) -> QueueState:
+    """Fail stale trials, then enqueue every run that is neither done, queued nor given up.
+
+    Call under queue_lock: two workers reconciling at once would both enqueue a missing run.
+    """
+    fail_lost(study, tracker)
     by_key = _trials_by_key(study)
     state = QueueState()
     for run in plan:
@@ -172,15 +156,18 @@ class WorkerContext:
     tracking_uri: str
     parent_run_id: Optional[str]
     deadline: Optional[float] = None  # time.time() after which no new run starts
-    threads: Optional[int] = None
+    threads: Optional[int] = None  # torch threads (workers on one machine split the cores)
+    device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
+    wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
 
 
 class Heartbeat:
-    """Records the trial's heartbeat every HEARTBEAT_S seconds while a run trains."""
+    """Records the trial's heartbeat every CHORUS_HEARTBEAT_S seconds while a run trains."""
 
     def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
         self.storage, self.trial_id = storage, trial_id
         self.stop = threading.Event()
+        self.interval = heartbeat_s()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
@@ -189,11 +176,12 @@ class Heartbeat:
                 self.storage.record_heartbeat(self.trial_id)
             except Exception:  # a missed beat is not worth killing the run over
                 pass
-            self.stop.wait(HEARTBEAT_S)
+            self.stop.wait(self.interval)
 
     def __enter__(self) -> "Heartbeat":
-        enabled = getattr(self.storage, "is_heartbeat_enabled", None)
-        if enabled and enabled():
+        # (Optuna's storages have no is_heartbeat_enabled(): an earlier check for it silently
+        # never started this thread, so killed workers' trials were never found stale.)
+        if rdb(self.storage).heartbeat_interval:
             self.thread.start()
         return self
 
@@ -237,10 +225,13 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
     spec = ctx.spec
+    if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
+        cfg = dataclasses.replace(cfg, device=ctx.device)
     child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags={
         "study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
         "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
-        "run_key": run_key, "optuna_trial": str(trial.number)})
+        "run_key": run_key, "optuna_trial": str(trial.number), "worker": WORKER_ID,
+        "attempt": str(trial.user_attrs.get("attempt", 1))})
     trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
                         child.run_id)
     try:
@@ -296,9 +287,22 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
                **{f"outcome.{k}": v for k, v in res.outcome().items()}}
     for k, v in outcome.items():
         trial.set_user_attr(k, v)
-    study.tell(trial, value)
-    tracker.client.set_terminated(child_run, "FINISHED")  # after tell: a FINISHED run is counted
     attrs.update(outcome)
+    # MLflow FINISHED first, then the trial COMPLETE: a run that is COMPLETE in Optuna is always
+    # counted in MLflow. If the tell fails, the MLflow run is un-finished again (below) or, if
+    # this worker dies first, the run is re-run and the analysis keeps one FINISHED run per key.
+    tracker.finish_run(child_run)
+    try:
+        study.tell(trial, value)
+    except UpdateFinishedTrialError:
+        # Declared lost (no heartbeat within the grace period: a stalled machine or network) and
+        # already re-queued; the re-run will be the counted one.
+        tracker.mark_lost(child_run, "finished after the trial was declared lost and re-queued",
+                          force=True)
+        attrs.update(status="crashed", error="trial declared lost before it finished; re-queued")
+    except BaseException:
+        tracker.mark_lost(child_run, "its Optuna trial could not be completed", force=True)
+        raise
     return attrs
 
 
@@ -306,7 +310,7 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], cr
     """Queue the run again with the same fixed params; only a crash counts as a new attempt."""
     keep = ("run_key", "cell_id", "cell", "roles", "seed", "config")
     study.enqueue_trial(dict(trial.params), user_attrs={
-        **{k: attrs[k] for k in keep}, "attempt": attrs["attempt"] + (1 if crashed else 0)})
+        **{k: attrs[k] for k in keep}, "enqueue_id": uuid.uuid4().hex, "attempt": attrs["attempt"] + (1 if crashed else 0)})
 
 
 def _value_of(factor, label: str) -> Any:
@@ -347,7 +351,7 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
         for seed in spec.seeds:
             cfg = designs.resolve(spec, cell, seed)
             res, child = _train_logged(ctx, tracker, trial, cfg, cell, seed, designs.config_key(cfg))
-            tracker.client.set_terminated(child, "FINISHED")
+            tracker.finish_run(child)
             values.append(objective_value(spec, res))
             statuses.append(res.status)
             wall += res.wall_time_s
@@ -370,11 +374,6 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
     return attrs
 
 
-def _complete(study: optuna.Study, run_key: str) -> bool:
-    return any(t.user_attrs.get("run_key") == run_key
-               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
 def _search_budget_left(study: optuna.Study, spec: StudySpec) -> bool:
     """Trials left to sample: `trials` live ones, and each slot gets 1 + `retries` attempts."""
     trials = study.get_trials(deepcopy=False)
@@ -384,8 +383,45 @@ def _search_budget_left(study: optuna.Study, spec: StudySpec) -> bool:
     return live < (spec.trials or 0) and crashed < (spec.trials or 0) * (1 + spec.retries)
 
 
-def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """Pop and execute runs until none is left (or the deadline passes). Returns runs executed."""
+def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optional[optuna.Trial]:
+    """Pop a waiting trial that is a run of this plan, not done and not running elsewhere.
+
+    Under queue_lock, so the check and the claim are one step for every worker on every machine.
+    The trial's first heartbeat is recorded at once: from then on, a killed worker is noticed.
+    """
+    storage = study._storage
+    with queue_lock(storage, spec.name):
+        while True:
+            trial_id = study._pop_waiting_trial_id()  # Optuna's own pop, without sampling
+            if trial_id is None:
+                return None
+            if rdb(storage).heartbeat_interval:
+                storage.record_heartbeat(trial_id)
+            trial = optuna.Trial(study, trial_id)
+            if spec.design == "search":
+                return trial
+            key = trial.user_attrs.get("run_key")
+            others = [t for t in _trials_by_key(study).get(key, []) if t._trial_id != trial_id]
+            why = ("not a run of the current study file" if key not in plan_keys else
+                   "this run already has a COMPLETE trial"
+                   if any(t.state == TrialState.COMPLETE for t in others) else
+                   "this run is already running in another worker"
+                   if any(t.state == TrialState.RUNNING for t in others) else None)
+            if not why:
+                return trial
+            trial.set_user_attr("skipped", why)  # never run or count a run twice
+            trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
+            study.tell(trial, state=TrialState.FAIL)
+
+
+def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None,
+         out=sys.stdout) -> int:
+    """Pop and execute runs until none is left (or the deadline passes). Returns runs executed.
+
+    With nothing queued, a worker re-queues the runs of lost workers (stale heartbeats) and, if
+    `ctx.wait`, waits while other workers still have runs in flight, so a run whose worker is
+    killed is re-run by a survivor instead of waiting for the next launch.
+    """
     if ctx.threads:
         import torch
 
@@ -393,26 +429,35 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     storage = open_storage(ctx.storage_url)
     study = load_study(ctx.spec, storage)
     tracker = StudyTracker(ctx.tracking_uri, ctx.spec.name)
-    plan_keys = {r.run_key for r in plan_of(ctx.spec)}
-    n = 0
+    plan = plan_of(ctx.spec)
+    plan_keys = {r.run_key for r in plan}
+    n, waiting_since = 0, None
     while ctx.deadline is None or time.time() < ctx.deadline:
-        with queue_lock(ctx.storage_url):
-            trial_id = study._pop_waiting_trial_id()  # Optuna's own pop, without sampling
-        if trial_id is not None:
-            trial = optuna.Trial(study, trial_id)
-            if ctx.spec.design != "search":
-                key = trial.user_attrs.get("run_key")
-                why = ("not a run of the current study file" if key not in plan_keys else
-                       "this run already has a COMPLETE trial" if _complete(study, key) else None)
-                if why:  # never run or count a run twice
-                    trial.set_user_attr("skipped", why)
-                    trial.set_user_attr("interrupted", True)
-                    study.tell(trial, state=TrialState.FAIL)
+        trial = _claim(study, ctx.spec, plan_keys)
+        if trial is None and ctx.spec.design == "search":
+            fail_lost(study, tracker)
+            if _search_budget_left(study, ctx.spec):
+                trial = study.ask()
+        if trial is None:
+            if ctx.spec.design == "search":
+                in_flight = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+            else:
+                with queue_lock(storage, ctx.spec.name):
+                    state = reconcile(study, ctx.spec, plan, tracker)
+                if state.enqueued:
+                    print(f"re-queued {len(state.enqueued)} run(s) of lost workers", file=out,
+                          flush=True)
                     continue
-        elif ctx.spec.design == "search" and _search_budget_left(study, ctx.spec):
-            trial = study.ask()
-        else:
-            break
+                in_flight = len(state.pending)
+            if not (ctx.wait and in_flight):
+                break
+            if waiting_since is None or time.time() - waiting_since > 60:
+                print(f"waiting: {in_flight} run(s) in flight in other workers (re-run here if "
+                      f"their worker is lost)", file=out, flush=True)
+                waiting_since = time.time()
+            time.sleep(min(heartbeat_s(), 5))
+            continue
+        waiting_since = None
         with Heartbeat(storage, trial._trial_id):
             if ctx.spec.design == "search":
                 attrs = run_search_trial(ctx, study, tracker, trial)
@@ -451,10 +496,16 @@ class LaunchResult:
 
 
 class Progress:
-    """One line per finished run, with done/total, diverged so far and an ETA."""
+    """One line per finished run, with done/total, diverged so far and an ETA.
 
-    def __init__(self, total: int, already: int, workers: int, out=sys.stdout):
+    `done_fn` (a worker among others): read the study-wide done count from the store, so the
+    count and the ETA cover every worker's runs, not just this one's.
+    """
+
+    def __init__(self, total: int, already: int, workers: int, out=sys.stdout,
+                 done_fn: Optional[Callable[[], int]] = None):
         self.total, self.done, self.workers, self.out = total, already, workers, out
+        self.done_fn, self.start = done_fn, already
         self.diverged = self.crashed = 0
         self.t0 = time.time()
         self.new = 0
@@ -466,16 +517,29 @@ class Progress:
         else:
             self.done += 1
             self.new += 1
+        if self.done_fn is not None:
+            with contextlib.suppress(Exception):  # progress is not worth failing a run over
+                self.done = self.done_fn()
         self.diverged += status == "diverged" or int(attrs.get("diverged_runs", 0) or 0) > 0
         elapsed = time.time() - self.t0
         left = self.total - self.done
-        eta = f"{_fmt_s(elapsed / self.new * left)}" if self.new and left > 0 else "-"
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = f"{_fmt_s(left / rate)}" if rate > 0 and left > 0 else "-"
         obj = attrs.get("objective")
         obj_s = f"{obj:.3f}" if isinstance(obj, float) and math.isfinite(obj) else str(obj)
         detail = attrs.get("error", "") if status == "crashed" else f"objective {obj_s}"
         print(f"[{self.done:>{len(str(self.total))}}/{self.total}] {attrs.get('cell')} | seed "
               f"{attrs.get('seed')}: {status} {detail}  (diverged {self.diverged}, crashed "
               f"{self.crashed}, ETA {eta})", file=self.out, flush=True)
+
+
+def count_done(study: optuna.Study, spec: StudySpec) -> int:
+    """Runs of the plan with a COMPLETE trial (search: COMPLETE trials)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if spec.design == "search":
+        return len(complete)
+    keys = {r.run_key for r in plan_of(spec)}
+    return len({t.user_attrs.get("run_key") for t in complete} & keys)
 
 
 def _fmt_s(s: float) -> str:
@@ -489,32 +553,22 @@ def plan_of(spec: StudySpec) -> list[Run]:
 
 def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            tracking_uri: str = DEFAULT_TRACKING, workers: int = 1,
-           out=sys.stdout) -> LaunchResult:
+           out=sys.stdout, device: Optional[str] = None) -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
-    try:
-        check_reachable(tracking_uri)
-    except Exception as e:
-        raise StoreError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    try:
-        storage = open_storage(storage_url)
-        study = load_study(spec, storage, create=True)
-    except StoreError:
-        raise
-    except Exception as e:
-        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _check_tracking(tracking_uri)
+    storage, study = _open_study(spec, storage_url, create=True)
     if study.direction.name.lower() != spec.direction:
         raise StoreError(f"{spec.source}: objective.direction is {spec.direction} but study "
                          f"{spec.name!r} in {storage_url} was created with "
                          f"{study.direction.name.lower()}; use another name or storage")
     plan = plan_of(spec)
-    state = reconcile(study, spec, plan)
+    tracker = StudyTracker(tracking_uri, spec.name)
+    with queue_lock(storage, spec.name):
+        state = reconcile(study, spec, plan, tracker)
     total = spec.trials if spec.design == "search" else len(plan)
     already = (len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
                if spec.design == "search" else len(state.done))
 
-    tracker = StudyTracker(tracking_uri, spec.name)
     desc = spec.description or f"Ablation study {spec.name}"
     if spec.design == "fractional_factorial":
         desc += "\n\nDesign: " + designs.describe_fraction(spec.factors, spec.fraction)
@@ -535,14 +589,17 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
           f"{len(state.gave_up)} given up); {workers} worker(s)", file=out, flush=True)
 
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
-                        threads=max(1, (cores or 1) // workers))
+                        threads=threads_per_worker(workers), device=device)
     progress = Progress(total, already, workers, out)
     interrupted = False
     try:
-        if workers == 1:
-            work(ctx, on_done=progress)
+        if workers == 0:  # queue only: workers join with `runner.py worker`, here or elsewhere
+            print(f"queued; start workers (any machine that reaches both stores): python runner.py "
+                  f"worker {spec.source} --storage {storage_url} --tracking-uri {tracking_uri}",
+                  file=out, flush=True)
+        elif workers == 1:
+            work(ctx, on_done=progress, out=out)
         else:
             _run_processes(ctx, workers, study, progress)
     except KeyboardInterrupt:
@@ -562,10 +619,61 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                       not any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
                       for r in plan)
     summary = summarize(study, spec)
-    tracker.end_launch(parent, "KILLED" if interrupted else "FINISHED" if done >= total else "FAILED",
+    tracker.end_launch(parent, "KILLED" if interrupted else
+                       "FINISHED" if done >= total or workers == 0 else "FAILED",
                        {"runs_done": float(done), "runs_total": float(total),
                         "runs_given_up": float(gave_up)})
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
+
+
+def _check_tracking(tracking_uri: str) -> None:
+    try:
+        check_reachable(tracking_uri)
+    except Exception as e:
+        raise StoreError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _open_study(spec: StudySpec, storage_url: str,
+                create: bool) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    try:
+        storage = open_storage(storage_url)
+        return storage, load_study(spec, storage, create=create)
+    except StoreError:
+        raise
+    except KeyError:
+        raise StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
+                         f"`python runner.py run {spec.source} --storage {storage_url}` first") from None
+    except Exception as e:
+        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def threads_per_worker(workers: int) -> int:
+    """Workers on one machine split its cores (torch oversubscribed is 10x slower, measured)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,
+         threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
+    """A worker joining a launched study (any machine): every store is checked before training,
+    and its runs are nested under the study's latest launch in the MLflow UI."""
+    _check_tracking(tracking_uri)
+    if storage_url.startswith("sqlite:///") and not os.path.exists(
+            storage_url[len("sqlite:///"):]):
+        raise StoreError(f"study {spec.name!r} not found: {storage_url} does not exist; start it "
+                         f"with `python runner.py run {spec.source}` first")
+    _open_study(spec, storage_url, create=False)
+    tracker = StudyTracker(tracking_uri, spec.name)
+    if tracker.experiment_id is None:
+        raise StoreError(f"--tracking-uri {tracking_uri}: no MLflow experiment {spec.name!r}; use "
+                         f"the tracking URI the study was launched with")
+    launches = tracker.client.search_runs([tracker.experiment_id], "tags.kind = 'launch'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+    return WorkerContext(spec, storage_url, tracking_uri,
+                         parent_run_id=launches[0].info.run_id if launches else None,
+                         threads=threads, device=device, wait=wait)
 
 
 def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
@@ -645,7 +753,7 @@ def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     except Exception as e:
         raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    optuna.storages.fail_stale_trials(study)
+    stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -17,12 +17,14 @@ import functools
 import io
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -33,6 +35,32 @@ from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+T = TypeVar("T")
+
+
+def tracking_transient(e: BaseException) -> bool:
+    """A tracking fault worth waiting out: server unreachable or overloaded, SQLite locked."""
+    msg = str(e)
+    return (type(e).__name__ in ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout")
+            or ("API request to" in msg and "failed" in msg)  # MLflow's REST client, retries spent
+            or "database is locked" in msg)
+
+
+def tracking_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None) -> T:
+    """Call fn, retrying transient tracking faults with backoff for CHORUS_TRACKING_RETRY_S
+    (default 120 s) on top of MLflow's own per-request retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+    budget = float(os.environ.get("CHORUS_TRACKING_RETRY_S", 120)) if budget_s is None else budget_s
+    t0, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified right below
+            if not tracking_transient(e) or time.monotonic() - t0 + delay > budget:
+                raise
+            print(f"tracking: {what} failed ({str(e).splitlines()[0][:160]}); retrying in "
+                  f"{delay:.1f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,17 +133,49 @@ class StudyTracker:
                                                    if math.isfinite(v)])
         self.client.set_terminated(run_id, status)
 
+    def finish_run(self, run_id: str) -> None:
+        """Mark a run FINISHED: from now on the analysis counts it."""
+        tracking_retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish run")
+
+    def running_runs_of_trial(self, trial_number: int) -> list[str]:
+        """Ids of the RUNNING MLflow runs made for an Optuna trial of this study."""
+        if self.experiment_id is None:
+            return []
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.optuna_trial = '{trial_number}' and "
+                                      f"attributes.status = 'RUNNING'", max_results=100)
+        except Exception as e:  # noqa: BLE001 - then the runs stay RUNNING, ignored by analysis
+            print(f"tracking: could not look up the runs of trial {trial_number} "
+                  f"({str(e).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+            return []
+        return [r.info.run_id for r in runs]
+
+    def mark_lost(self, run_id: str, why: str, force: bool = False) -> None:
+        """Mark the MLflow run of a lost attempt KILLED (the analysis ignores it); best effort.
+
+        Only a RUNNING run is touched unless `force`: a lost worker's run may have finished.
+        """
+        try:
+            if force or self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, "lost", why)
+                self.client.set_terminated(run_id, "KILLED")
+        except Exception as e:  # noqa: BLE001 - the analysis ignores a RUNNING run too
+            print(f"tracking: could not mark run {run_id} killed ({str(e).splitlines()[0][:160]})",
+                  file=sys.stderr, flush=True)
+
     def start_child(self, parent_run_id: Optional[str], run_name: str, cfg: TrainConfig,
                     tags: dict[str, str]) -> "ChildRun":
         all_tags = {**tags, "kind": "run", "git_commit": git_commit(),
                     **{f"fix.{k}": v for k, v in fix_states(cfg).items()}}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        run = tracking_retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name,
+                                                            tags=all_tags), "create run")
         child = ChildRun(self.client, run.info.run_id)
-        self.client.log_batch(child.run_id, params=[Param(k, json.dumps(v) if isinstance(v, list)
-                                                          else str(v))
-                                                    for k, v in cfg.to_dict().items()])
+        params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
+                  for k, v in cfg.to_dict().items()]
+        tracking_retry(lambda: self.client.log_batch(child.run_id, params=params), "log params")
         return child
 
 
@@ -137,10 +197,15 @@ class ChildRun:
         if len(self.buffer) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, budget_s: Optional[float] = None) -> None:
+        """Write the buffer; a chunk leaves it only once written, so a failed flush loses nothing
+        and the next one (or finish/fail) retries it. Re-sending a chunk whose write did commit
+        is harmless: MLflow skips metric rows it already has."""
         while self.buffer:
-            chunk, self.buffer = self.buffer[:MAX_BATCH], self.buffer[MAX_BATCH:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            chunk = self.buffer[:MAX_BATCH]
+            tracking_retry(lambda: self.client.log_batch(self.run_id, metrics=chunk),
+                           "log metrics", budget_s)
+            del self.buffer[:len(chunk)]
 
     def finish(self, result: TrainResult, extra_tags: dict[str, str]) -> None:
         """Everything but the terminal status: outcome metrics, tags, artifacts."""
@@ -152,18 +217,23 @@ class ChildRun:
         tags = {"status": result.status,
                 "first_nonfinite_step": "" if first is None else str(first),
                 "first_nonfinite_where": result.first_nonfinite_where, **extra_tags}
-        self.client.log_batch(self.run_id, metrics=outcome,
-                              tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.log_text(self.run_id, self._curves_csv(), "curves.csv")
-        self.client.log_text(self.run_id, _events_csv(result), "nonfinite_events.csv")
-        self.client.log_dict(self.run_id, {"status": result.status, **result.outcome(),
-                                           "events": [asdict(e) for e in result.events]},
-                             "result.json")
+        tracking_retry(lambda: self.client.log_batch(
+            self.run_id, metrics=outcome, tags=[RunTag(k, v) for k, v in tags.items()]),
+            "log outcome")
+        curves, events = self._curves_csv(), _events_csv(result)
+        summary = {"status": result.status, **result.outcome(),
+                   "events": [asdict(e) for e in result.events]}
+        tracking_retry(lambda: self.client.log_text(self.run_id, curves, "curves.csv"),
+                       "log curves.csv")
+        tracking_retry(lambda: self.client.log_text(self.run_id, events, "nonfinite_events.csv"),
+                       "log nonfinite_events.csv")
+        tracking_retry(lambda: self.client.log_dict(self.run_id, summary, "result.json"),
+                       "log result.json")
 
     def fail(self, error: str, status: str = "FAILED") -> None:
         """Keep what was logged, attach the error, mark the run failed/killed."""
         try:
-            self.flush()
+            self.flush(budget_s=0)  # the run has failed already: one try, no waiting
             self.client.set_tag(self.run_id, "status", "crashed" if status == "FAILED" else "interrupted")
             self.client.log_text(self.run_id, error, "error.txt")
         finally:
