@@ -659,12 +659,14 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
          threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
-    _check_tracking(tracking_uri)
-    if storage_url.startswith("sqlite:///") and not os.path.exists(
-            storage_url[len("sqlite:///"):]):
+    if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
         raise StoreError(f"study {spec.name!r} not found: {storage_url} does not exist; start it "
                          f"with `python runner.py run {spec.source}` first")
     _open_study(spec, storage_url, create=False)
+    if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
+        raise StoreError(f"--tracking-uri {tracking_uri}: no such MLflow store; use the tracking "
+                         f"URI the study was launched with")
+    _check_tracking(tracking_uri)
     tracker = StudyTracker(tracking_uri, spec.name)
     if tracker.experiment_id is None:
         raise StoreError(f"--tracking-uri {tracking_uri}: no MLflow experiment {spec.name!r}; use "

@@ -103,8 +103,8 @@ def test_cli_status_with_a_storage_that_cannot_be_opened(tmp_path):
 
 def test_cli_bad_workers_and_bad_storage_scheme(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
-    line = one_line_error(runner(tmp_path, "run", "tiny.yaml", "--workers", "0"))
-    assert "--workers 0" in line
+    line = one_line_error(runner(tmp_path, "run", "tiny.yaml", "--workers", "-1"))
+    assert "--workers -1: must be >= 0" in line
     line = one_line_error(runner(tmp_path, "status", "tiny.yaml", "--storage", "redis://x"))
     assert "--storage 'redis://x'" in line
 

@@ -1,0 +1,386 @@
+"""ablations/storage.py and the fault paths of execute/tracking, on real stores, in-process.
+
+SQLite tests run everywhere; the PostgreSQL ones need the server `.ci/postgres` starts (they
+skip without it, and fail in CI where CHORUS_REQUIRE_POSTGRES is set). The multi-process
+scenarios are in test_scaling.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy.exc
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import ablations.execute as execute
+import pgdb
+from ablations import storage as st
+from ablations.spec import load_spec
+from ablations.tracking import ChildRun, StudyTracker
+
+RUNNER = Path(__file__).resolve().parents[1] / "runner.py"
+TINY = """\
+name: {name}
+design: full_factorial
+factors:
+  plain_residual: [off, on]
+seeds: [0]
+base: {{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 2,
+       steps_per_epoch: 3, batch_size: 8, device: cpu}}
+"""
+
+
+@pytest.fixture
+def fast_heartbeat(monkeypatch):
+    monkeypatch.setenv("CHORUS_HEARTBEAT_S", "1")
+    monkeypatch.setenv("CHORUS_GRACE_S", "2")
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """A failing test fails in seconds, not after 2 minutes of retries; one torch thread."""
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setenv("CHORUS_STORAGE_RETRY_S", "20")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def new_study(url: str, name: str = "s") -> optuna.Study:
+    return optuna.create_study(study_name=name, storage=st.open_storage(url))
+
+
+# ------------------------------------------------------------------------------ retrying
+def test_sqlite_locked_is_retried_until_the_lock_is_released(tmp_path, capsys):
+    """A real exclusive lock held for 1.5 s by another connection; the storage's own busy
+    timeout is 0.1 s, so only the retry can carry the write through."""
+    db = tmp_path / "o.db"
+    storage = st.RetryingRDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 0.1}})
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial_id = storage.create_new_trial(study._study_id)
+    holder = sqlite3.connect(db, timeout=5, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(1.5, holder.rollback).start()
+    before = st.RetryingRDBStorage.retries
+    t0 = time.monotonic()
+    storage.set_trial_user_attr(trial_id, "k", "v")
+    assert time.monotonic() - t0 >= 1.2
+    assert st.RetryingRDBStorage.retries > before
+    assert storage.get_trial(trial_id).user_attrs["k"] == "v"
+    assert "database is locked" in capsys.readouterr().err
+
+
+def test_a_fault_that_is_not_transient_is_raised_at_once(tmp_path):
+    storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
+    t0 = time.monotonic()
+    with pytest.raises(KeyError):
+        storage.get_study_id_from_name("no such study")
+    assert time.monotonic() - t0 < 1
+
+
+def test_a_retried_enqueue_that_had_committed_is_not_enqueued_twice(tmp_path, monkeypatch):
+    """The write commits, then the connection drops before the answer: the retry must find the
+    trial by its enqueue_id instead of creating a second one."""
+    storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    real = optuna.storages.RDBStorage._create_new_trial
+    calls = []
+
+    def commit_then_drop(self, study_id, template_trial=None):
+        calls.append(1)
+        trial = real(self, study_id, template_trial)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed the "
+                                                                          "connection"))
+        return trial
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_create_new_trial", commit_then_drop)
+    study.enqueue_trial({"x": 1}, user_attrs={"enqueue_id": "abc"})
+    trials = study.get_trials()
+    assert len(calls) == 1 and len(trials) == 1  # found, not created again
+    assert trials[0].user_attrs["enqueue_id"] == "abc" and trials[0].state == TrialState.WAITING
+
+
+def test_a_retried_tell_that_had_committed_counts_as_done(tmp_path, monkeypatch):
+    storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls = []
+
+    def commit_then_drop(self, trial_id, state, values=None):
+        calls.append(1)
+        ok = real(self, trial_id, state, values)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("connection reset"))
+        return ok
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", commit_then_drop)
+    study.tell(trial, 0.5)
+    assert len(calls) == 2
+    assert study.get_trials()[0].state == TrialState.COMPLETE and study.get_trials()[0].value == 0.5
+
+
+def test_transient_faults_are_told_from_configuration_errors():
+    locked = sqlalchemy.exc.OperationalError("x", {}, sqlite3.OperationalError("database is locked"))
+    no_table = sqlalchemy.exc.OperationalError("x", {}, sqlite3.OperationalError("no such table: t"))
+    dropped = sqlalchemy.exc.OperationalError("x", {}, Exception(
+        "terminating connection due to administrator command"))
+    refused = sqlalchemy.exc.OperationalError("x", {}, Exception(
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused'))
+    wrapped = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
+    wrapped.__cause__ = dropped
+    assert st.is_transient(locked) and not st.is_transient(no_table)
+    assert st.is_transient(dropped) and st.is_transient(wrapped)
+    assert st.is_dropped(dropped) and not st.is_dropped(refused)  # opening: refused is an error
+    assert not st.is_transient(ValueError("x"))
+
+
+def test_heartbeat_settings_are_validated(monkeypatch):
+    monkeypatch.setenv("CHORUS_GRACE_S", "soon")
+    with pytest.raises(st.StoreError, match=r"CHORUS_GRACE_S='soon': must be a whole number"):
+        st.open_storage("sqlite:///:memory:")
+
+
+# ---------------------------------------------------------------------------- lost workers
+def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monkeypatch,
+                                                                  fast_heartbeat):
+    """A worker claims a run, creates its MLflow run and dies (no more heartbeats): the next
+    launch fails the trial as lost, marks its MLflow run KILLED and runs it again."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lost.yaml").write_text(TINY.format(name="lost"))
+    spec = load_spec(tmp_path / "lost.yaml")
+    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
+    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    study = execute.load_study(spec, st.open_storage(storage_url))
+    trial = execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})
+    tracker = StudyTracker(tracking, spec.name)
+    dead = tracker.client.create_run(tracker.experiment_id, tags={
+        "kind": "run", "optuna_trial": str(trial.number)}).info.run_id
+    time.sleep(3)  # > CHORUS_GRACE_S without a heartbeat
+    out = io.StringIO()
+    res = execute.launch(spec, storage_url, tracking, workers=1, out=out)
+    assert (res.done, res.total, res.gave_up) == (2, 2, 0)
+    trials = study.get_trials()
+    lost = [t for t in trials if t.user_attrs.get("lost")]
+    assert [t.number for t in lost] == [trial.number] and lost[0].state == TrialState.FAIL
+    assert "worker lost: no heartbeat for over 2 s" in lost[0].user_attrs["error"]
+    again = [t for t in trials if t.state == TrialState.COMPLETE
+             and t.user_attrs["run_key"] == lost[0].user_attrs["run_key"]]
+    assert len(again) == 1 and again[0].user_attrs["attempt"] == 2  # a lost worker is a crash
+    assert tracker.client.get_run(dead).info.status == "KILLED"
+    st_ = execute.study_status(spec, storage_url)
+    assert (st_["done"], st_["running"], st_["failed_attempts"]) == (2, 0, 1)
+
+
+def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
+        tmp_path, monkeypatch, fast_heartbeat):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wait.yaml").write_text(TINY.format(name="wait"))
+    spec = load_spec(tmp_path / "wait.yaml")
+    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
+    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    study = execute.load_study(spec, st.open_storage(storage_url))
+    execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})  # then "dies"
+    out = io.StringIO()
+    n = execute.work(execute.join(spec, storage_url, tracking), out=out)
+    assert n == 2  # its own run, then the lost one once it went stale
+    assert "waiting: 1 run(s) in flight" in out.getvalue()
+    assert "re-queued 1 run(s) of lost workers" in out.getvalue()
+    assert execute.count_done(study, spec) == 2
+
+
+def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nowait.yaml").write_text(TINY.format(name="nowait"))
+    spec = load_spec(tmp_path / "nowait.yaml")
+    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
+    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    study = execute.load_study(spec, st.open_storage(storage_url))
+    execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})
+    ctx = execute.join(spec, storage_url, tracking, wait=False)
+    assert execute.work(ctx, out=io.StringIO()) == 1
+
+
+def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, monkeypatch):
+    """Two WAITING trials for one run (e.g. two launches reconciling at once on an old version):
+    the second is popped while the first runs and is skipped, not run twice."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dup.yaml").write_text(TINY.format(name="dup"))
+    spec = load_spec(tmp_path / "dup.yaml")
+    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
+    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    study = execute.load_study(spec, st.open_storage(storage_url))
+    plan = execute.plan_of(spec)
+    execute.enqueue_run(study, spec, plan[0], attempt=1)  # a duplicate of the first run
+    keys = {r.run_key for r in plan}
+    first = execute._claim(study, spec, keys)
+    second = execute._claim(study, spec, keys)
+    assert first.user_attrs["run_key"] == plan[0].run_key
+    assert second.user_attrs["run_key"] == plan[1].run_key
+    assert execute._claim(study, spec, keys) is None  # the duplicate was passed over
+    skipped = [t for t in study.get_trials() if t.user_attrs.get("skipped")]
+    assert len(skipped) == 1 and "already running in another worker" in skipped[0].user_attrs["skipped"]
+
+
+# ------------------------------------------------------------------------------ tracking
+def test_a_failed_flush_keeps_the_buffer_and_the_retry_writes_it_once(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    child = ChildRun(client, run_id)
+    for step in range(5):
+        child.log({"train/loss": 1.0 / (step + 1)}, step)
+    real, fails = client.log_batch, [2]
+
+    def flaky(*a, **kw):
+        if fails[0]:
+            fails[0] -= 1
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed "
+                                  "with exception ConnectionError: Connection refused")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(client, "log_batch", flaky)
+    with pytest.raises(MlflowException):  # no time to wait: raised, buffer kept
+        child.flush(budget_s=0)
+    assert len(child.buffer) == 5
+    child.flush(budget_s=30)  # second failure retried after 0.5 s, then written
+    assert child.buffer == []
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == \
+        [1.0 / (s + 1) for s in range(5)]
+    assert "tracking: log metrics failed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the CLI
+def runner(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--storage", "sqlite:///nothing.db"], "study 'cli' not found: sqlite:///nothing.db does not exist"),
+    (["--storage", "postgresql://chorus@127.0.0.1:1/x"],
+     "--storage postgresql://chorus@127.0.0.1:1/x: cannot open the Optuna storage"),
+    (["--device", "cuda:x"], "--device cuda:x: must be auto, cpu, cuda or cuda:N"),
+    (["--threads", "0"], "--threads 0: must be >= 1"),
+])
+def test_worker_bad_input_is_one_line_before_any_training(tmp_path, args, expect):
+    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+    t0 = time.monotonic()
+    line = one_line_error(runner(tmp_path, "worker", "cli.yaml", *args))
+    assert expect in line, line
+    assert time.monotonic() - t0 < 60  # no minutes of retries on a store that is not there
+
+
+def test_run_with_no_workers_only_queues(tmp_path):
+    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+    p = runner(tmp_path, "run", "cli.yaml", "--workers", "0")
+    assert p.returncode == 0, p.stderr
+    assert "0/2 runs done; the rest are queued" in p.stdout
+    assert "python runner.py worker cli.yaml --storage sqlite:///optuna.db" in p.stdout
+    s = runner(tmp_path, "status", "cli.yaml")
+    assert "0/2 done, 0 running, 2 queued" in s.stdout
+    # a worker pointed at the wrong tracking store says so before training anything
+    line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--tracking-uri", "http://127.0.0.1:1"))
+    assert "--tracking-uri http://127.0.0.1:1: cannot reach the tracking store" in line
+    line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--tracking-uri", "sqlite:///other.db"))
+    assert "--tracking-uri sqlite:///other.db: no such MLflow store" in line
+    assert not (tmp_path / "other.db").exists()
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+@pytest.fixture
+def pg_url():
+    yield from pgdb.fresh_database("unit")
+
+
+def test_postgres_queue_lock_is_held_by_one_holder_at_a_time(pg_url):
+    study = new_study(pg_url, "locked")
+    order, inside = [], threading.Event()
+
+    def holder() -> None:
+        s2 = st.open_storage(pg_url)
+        with st.queue_lock(s2, "locked"):
+            inside.set()
+            time.sleep(1.0)
+            order.append("first out")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(10)
+    t0 = time.monotonic()
+    with st.queue_lock(study._storage, "locked"):
+        order.append("second in")
+        waited = time.monotonic() - t0
+    t.join()
+    assert order == ["first out", "second in"] and waited > 0.5
+    with st.queue_lock(study._storage, "other study"):  # another study's lock is independent
+        pass
+
+
+def test_postgres_storage_survives_its_connections_being_killed(pg_url):
+    storage = st.open_storage(pg_url)
+    study = optuna.create_study(study_name="k", storage=storage)
+    for i in range(5):
+        assert pgdb.terminate_connections(pg_url) >= 1 or i  # the pooled connection dies
+        study.enqueue_trial({"x": i}, user_attrs={"enqueue_id": f"e{i}"})
+    assert [t.user_attrs["enqueue_id"] for t in study.get_trials()] == [f"e{i}" for i in range(5)]
+
+
+def test_postgres_study_runs_in_process(pg_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pgs.yaml").write_text(TINY.format(name="pgs"))
+    spec = load_spec(tmp_path / "pgs.yaml")
+    res = execute.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
+    assert (res.done, res.total) == (2, 2)
+    again = execute.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
+    assert again.done == 2 and len(optuna.load_study(study_name="pgs", storage=pg_url).get_trials()) == 2
+
+
+def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path, monkeypatch):
+    """`--device` changes the device every run trains on (recorded in MLflow), never the run's
+    identity: the run keys, and so what counts as done, stay those of the study file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dev.yaml").write_text(TINY.format(name="dev").replace("device: cpu", "device: auto"))
+    spec = load_spec(tmp_path / "dev.yaml")
+    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
+    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    assert execute.work(execute.join(spec, storage_url, tracking, device="cpu"),
+                        out=io.StringIO()) == 2
+    study = execute.load_study(spec, st.open_storage(storage_url))
+    assert execute.count_done(study, spec) == 2
+    runs = StudyTracker(tracking, "dev").client.search_runs(
+        [StudyTracker(tracking, "dev").experiment_id], "tags.kind = 'run'")
+    assert [r.data.params["device"] for r in runs] == ["cpu", "cpu"]
+    assert {r.data.tags["run_key"] for r in runs} == {r.run_key for r in execute.plan_of(spec)}
+    assert all(":" in r.data.tags["worker"] for r in runs)
+
+
+def test_worker_device_cuda_without_cuda_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+    line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--device", "cuda:1"))
+    assert "--device cuda:1: 'cuda:1' asked for but CUDA is not available here" in line
