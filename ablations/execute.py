@@ -159,6 +159,7 @@ class WorkerContext:
     threads: Optional[int] = None  # torch threads (workers on one machine split the cores)
     device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
     wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
+    announce_wait: bool = True  # say so (not for local workers: siblings finishing is normal)
 
 
 class Heartbeat:
@@ -451,7 +452,7 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
                 in_flight = len(state.pending)
             if not (ctx.wait and in_flight):
                 break
-            if waiting_since is None or time.time() - waiting_since > 60:
+            if ctx.announce_wait and (waiting_since is None or time.time() - waiting_since > 60):
                 print(f"waiting: {in_flight} run(s) in flight in other workers (re-run here if "
                       f"their worker is lost)", file=out, flush=True)
                 waiting_since = time.time()
@@ -553,7 +554,8 @@ def plan_of(spec: StudySpec) -> list[Run]:
 
 def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            tracking_uri: str = DEFAULT_TRACKING, workers: int = 1,
-           out=sys.stdout, device: Optional[str] = None) -> LaunchResult:
+           out=sys.stdout, device: Optional[str] = None,
+           threads: Optional[int] = None) -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
     _check_tracking(tracking_uri)
     storage, study = _open_study(spec, storage_url, create=True)
@@ -590,7 +592,8 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
 
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
-                        threads=threads_per_worker(workers), device=device)
+                        threads=threads or threads_per_worker(workers), device=device,
+                        announce_wait=False)
     progress = Progress(total, already, workers, out)
     interrupted = False
     try:
@@ -680,31 +683,45 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
 
 def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
                    progress: Callable[[dict[str, Any]], None]) -> None:
-    """N local worker processes; the parent reports progress by polling the store."""
-    mp = multiprocessing.get_context("spawn")
-    procs = [mp.Process(target=_worker_process, args=(ctx,), daemon=False) for _ in range(workers)]
+    """N local workers: this process and N-1 spawned ones; progress comes from polling the store.
+
+    This process works too because it is warm (torch, MLflow and Optuna imported): a spawned
+    worker spends 5-10 s importing and opening the stores before its first run, which is a
+    large share of a small study (benchmarks/worker_scaling.py).
+    """
+    mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
+    procs = [mp.Process(target=_worker_process, args=(ctx,), daemon=False)
+             for _ in range(workers - 1)]
     seen = {t.number for t in study.get_trials(deepcopy=False)
             if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    lock, stop = threading.Lock(), threading.Event()
     for p in procs:
         p.start()
 
     def poll() -> None:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if t.number not in seen:
-                seen.add(t.number)
-                if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
-                    continue
-                attrs = dict(t.user_attrs)
-                if t.state == TrialState.FAIL:
-                    lines = str(attrs.get("error", "")).strip().splitlines()
-                    attrs.update(status="crashed", error=lines[-1] if lines else "")
-                progress(attrs)
+        with lock:
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+                if t.number not in seen:
+                    seen.add(t.number)
+                    if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+                        continue
+                    attrs = dict(t.user_attrs)
+                    if t.state == TrialState.FAIL:
+                        lines = str(attrs.get("error", "")).strip().splitlines()
+                        attrs.update(status="crashed", error=lines[-1] if lines else "")
+                    progress(attrs)
 
+    def poller() -> None:
+        while not stop.wait(1.0):
+            with contextlib.suppress(Exception):  # a missed progress line is not worth dying for
+                poll()
+
+    watcher = threading.Thread(target=poller, daemon=True)
+    watcher.start()
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
-            poll()
-        poll()
+        work(ctx)  # progress lines come from the poller, for this process's runs too
+        for p in procs:
+            p.join()
     except KeyboardInterrupt:
         for p in procs:  # a terminal's Ctrl-C reaches them too; `kill -INT parent` does not
             if p.is_alive():
@@ -712,6 +729,10 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
         for p in procs:
             p.join(timeout=60)
         raise
+    finally:
+        stop.set()
+        watcher.join()
+        poll()
 
 
 # ------------------------------------------------------------------------------ reading

@@ -3,12 +3,15 @@
     python benchmarks/worker_scaling.py [--runs 8] [--epochs 4] [--repeats 2]
         [--postgres postgresql://USER@127.0.0.1:PORT/postgres]
 
-1. Runs per hour with 1 vs 2 workers (`launch(..., workers=k)`, exactly what
-   `runner.py run --workers k` does: k processes, cores split between them), the same study of
-   `--runs` fixed-recipe runs shortened to `--epochs`, alternating 1, 2, 1, 2, ... in one run
-   of this script, each on fresh local SQLite stores. Two ratios: end to end (the user's wall
-   clock, process start-up and imports included) and while working (first run started to last
-   run finished, from the trials' own timestamps). Target >= 1.8x on a 2-core machine.
+1. Runs per hour of the same study (`--runs` fixed-recipe runs shortened to `--epochs`), each
+   launch on fresh local SQLite stores, the three set-ups alternating in one run of this script:
+     A  1 worker, 2 torch threads    `runner.py run` (the default: one worker uses every core)
+     B  2 workers, 1 thread each     `runner.py run --workers 2` (cores split between them)
+     C  1 worker, 1 thread           the per-worker reference
+   B/C is worker scaling at equal threads per worker (target >= 1.8x on 2 cores); B/A is what a
+   second worker gains over the default on this machine. Both end to end (the user's wall clock,
+   process start-up and imports included) and in steady state (workers / mean duration of a
+   run's trial, start to finish, as measured with that many workers busy side by side).
 2. Bookkeeping per run: a study of tiny runs (train() takes milliseconds) on an SQLite vs a
    PostgreSQL Optuna storage (MLflow on SQLite in both), alternating; wall time minus the time
    inside train(), per run. Needs --postgres (an admin URL; a database is created and dropped)
@@ -42,40 +45,49 @@ def study_spec(name: str, runs: int, base: dict) -> object:
                        "base": base}, "<bench>")
 
 
-def timed_launch(spec, storage: str, tracking: str, workers: int) -> tuple[float, float, float]:
-    """(end-to-end s, working s, s inside train()) of one launch."""
+def timed_launch(spec, storage: str, tracking: str, workers: int,
+                 threads: int | None = None) -> tuple[float, float, float]:
+    """(end-to-end s, mean s per run's trial, s inside train()) of one launch."""
     t = time.perf_counter()
     with open(os.devnull, "w") as devnull:
-        res = launch(spec, storage, tracking, workers, out=devnull)
+        res = launch(spec, storage, tracking, workers, out=devnull, threads=threads)
     wall = time.perf_counter() - t
     assert res.done == res.total, f"{res.done}/{res.total} runs done"
     trials = [tr for tr in optuna.load_study(study_name=spec.name, storage=storage).trials
               if tr.state == TrialState.COMPLETE]
-    working = (max(tr.datetime_complete for tr in trials) -
-               min(tr.datetime_start for tr in trials)).total_seconds()
-    return wall, working, sum(tr.user_attrs["wall_time_s"] for tr in trials)
+    per_run = statistics.fmean((tr.datetime_complete - tr.datetime_start).total_seconds()
+                               for tr in trials)
+    return wall, per_run, sum(tr.user_attrs["wall_time_s"] for tr in trials)
+
+
+SETUPS = {"A": (1, None), "B": (2, None), "C": (1, 1)}  # name: (workers, threads per worker)
 
 
 def scaling(args: argparse.Namespace, tmp: Path) -> None:
-    base = {"epochs": args.epochs}  # the fixed recipe, shortened
-    print(f"1. {args.runs} fixed-recipe runs of {args.epochs} epochs; 1 worker = "
-          f"{threads_per_worker(1)} torch threads, 2 workers = {threads_per_worker(2)} each")
-    rates: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    base = {"epochs": args.epochs, "device": "cpu"}  # the fixed recipe, shortened
+    print(f"1. {args.runs} fixed-recipe runs of {args.epochs} epochs per launch; A = 1 worker x "
+          f"{threads_per_worker(1)} threads, B = 2 workers x {threads_per_worker(2)}, C = 1 worker x 1")
+    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in SETUPS}
     for r in range(args.repeats):
-        for k in (1, 2):
-            d = tmp / f"scale{r}_{k}"
+        for name, (workers, threads) in SETUPS.items():
+            d = tmp / f"scale{r}_{name}"
             d.mkdir()
             os.chdir(d)
-            wall, working, _ = timed_launch(study_spec(f"scale{r}{k}", args.runs, base),
-                                            f"sqlite:///{d}/optuna.db", f"sqlite:///{d}/mlflow.db", k)
-            rates[k].append((args.runs / wall * 3600, args.runs / working * 3600))
-            print(f"  repeat {r}, {k} worker(s): {wall:6.1f} s end to end ({rates[k][-1][0]:5.0f} "
-                  f"runs/h), {working:6.1f} s working ({rates[k][-1][1]:5.0f} runs/h)  "
-                  f"[load {load_average()}]", flush=True)
-    e2e = statistics.median(b[0] / a[0] for a, b in zip(rates[1], rates[2]))
-    work = statistics.median(b[1] / a[1] for a, b in zip(rates[1], rates[2]))
-    print(f"2 workers / 1 worker runs per hour: {e2e:.2f}x end to end, {work:.2f}x while working "
-          f"(median of {args.repeats} pairs; target >= 1.8x)")
+            wall, per_run, _ = timed_launch(study_spec(f"scale{r}{name}", args.runs, base),
+                                            f"sqlite:///{d}/optuna.db", f"sqlite:///{d}/mlflow.db",
+                                            workers, threads)
+            rates[name].append((args.runs / wall * 3600, workers / per_run * 3600))
+            print(f"  repeat {r}, {name}: {wall:6.1f} s end to end ({rates[name][-1][0]:5.0f} "
+                  f"runs/h), {per_run:5.2f} s per run on each worker ({rates[name][-1][1]:5.0f} "
+                  f"runs/h steady)  [load {load_average()}]", flush=True)
+
+    def ratio(x: str, y: str, i: int) -> float:
+        return statistics.median(b[i] / a[i] for a, b in zip(rates[y], rates[x]))
+
+    for x, y, what in (("B", "C", "worker scaling, 2 vs 1 single-thread workers (target >= 1.8x)"),
+                       ("B", "A", "2 workers vs the default 1 worker with 2 threads")):
+        print(f"{x}/{y} runs per hour: {ratio(x, y, 0):.2f}x end to end, {ratio(x, y, 1):.2f}x "
+              f"steady state  ({what}; median of {args.repeats})")
 
 
 def bookkeeping(args: argparse.Namespace, tmp: Path, admin: str) -> None:

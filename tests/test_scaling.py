@@ -177,7 +177,8 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--artifacts-destination", str(self.dir / "artifacts")],
-            cwd=self.dir, stdout=self.log, stderr=self.log, start_new_session=True)
+            cwd=self.dir, stdout=self.log, stderr=self.log, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job workers
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
