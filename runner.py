@@ -99,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ablations.execute import StoreError, launch
 
     spec = _load_spec(args.study)
+    _sigterm_is_ctrl_c()
     if args.workers < 0:
         raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
     try:
@@ -175,6 +176,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm_is_ctrl_c() -> None:
+    """SIGTERM (a scheduler pre-empting a job, `kill`) stops like Ctrl-C: the run in flight is
+    re-queued at once instead of waiting out the heartbeat grace period."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _device(device: str | None) -> str | None:
     """--device: validated like TrainConfig.device, and CUDA must be there if asked for."""
     if device is None:
@@ -197,6 +209,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
     if args.threads is not None and args.threads < 1:
         raise _BadInput(f"--threads {args.threads}: must be >= 1")
+    if args.local_workers < 1:
+        raise _BadInput(f"--local-workers {args.local_workers}: must be >= 1")
+    _sigterm_is_ctrl_c()
     try:
         ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
                    threads=args.threads or threads_per_worker(args.local_workers),
@@ -211,6 +226,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         n = work(ctx, on_done=progress)
     except StoreError as e:
         raise _BadInput(str(e)) from None
+    except KeyboardInterrupt:
+        print("interrupted: the run in flight was re-queued, finished runs are kept",
+              file=sys.stderr)
+        return 130
     print(f"worker done: {n} runs executed here; no queued run left")
     return 0
 

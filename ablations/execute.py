@@ -9,8 +9,9 @@ only *pop* waiting trials (never ask the sampler for new ones), so each run exec
     `retries` times;
   * Ctrl-C (or SIGTERM) marks the run in flight FAIL/"interrupted" and re-enqueues it;
     interrupted attempts do not count as crashes;
-  * a worker killed outright leaves its trial RUNNING; its heartbeat stops, and the next launch
-    marks it stale (FAIL) and re-enqueues the run;
+  * a worker killed outright leaves its trial RUNNING; its heartbeat stops, and another worker
+    (or the next launch) marks it lost (FAIL, its MLflow run KILLED) and re-enqueues the run;
+    this counts as a crashed attempt;
   * running the same command again resumes: runs with a COMPLETE trial are never re-run.
 
 Search designs (TPE / random) are the exception to "enqueue everything": a trial is one sampled
@@ -311,7 +312,8 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], cr
     """Queue the run again with the same fixed params; only a crash counts as a new attempt."""
     keep = ("run_key", "cell_id", "cell", "roles", "seed", "config")
     study.enqueue_trial(dict(trial.params), user_attrs={
-        **{k: attrs[k] for k in keep}, "enqueue_id": uuid.uuid4().hex, "attempt": attrs["attempt"] + (1 if crashed else 0)})
+        **{k: attrs[k] for k in keep}, "enqueue_id": uuid.uuid4().hex,
+        "attempt": attrs["attempt"] + (1 if crashed else 0)})
 
 
 def _value_of(factor, label: str) -> Any:

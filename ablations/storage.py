@@ -48,7 +48,7 @@ class StoreError(RuntimeError):
     """A storage or tracking store that cannot be opened; one line for the user."""
 
 
-def _env_int(name: str, default: int) -> int:
+def env_seconds(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:
         return default
@@ -58,15 +58,15 @@ def _env_int(name: str, default: int) -> int:
 
 
 def heartbeat_s() -> int:
-    return _env_int("CHORUS_HEARTBEAT_S", 10)
+    return env_seconds("CHORUS_HEARTBEAT_S", 10)
 
 
 def grace_s() -> int:
-    return _env_int("CHORUS_GRACE_S", 60)
+    return env_seconds("CHORUS_GRACE_S", 60)
 
 
 def retry_budget_s() -> int:
-    return _env_int("CHORUS_STORAGE_RETRY_S", 120)
+    return env_seconds("CHORUS_STORAGE_RETRY_S", 120)
 
 
 # ----------------------------------------------------------------------------- retrying
@@ -243,6 +243,7 @@ def open_storage(url: str) -> RetryingRDBStorage:
     else:
         raise StoreError(f"--storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
     hb, grace = heartbeat_s(), grace_s()
+    retry_budget_s(), env_seconds("CHORUS_TRACKING_RETRY_S", 120)  # bad values: an error now
     return with_retry(lambda: RetryingRDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=hb,
                                                  grace_period=grace),
                       "open the storage", transient=is_dropped)

@@ -17,7 +17,6 @@ import functools
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablations.fixes import FIXES
+from ablations.storage import env_seconds
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -49,7 +49,7 @@ def tracking_transient(e: BaseException) -> bool:
 def tracking_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None) -> T:
     """Call fn, retrying transient tracking faults with backoff for CHORUS_TRACKING_RETRY_S
     (default 120 s) on top of MLflow's own per-request retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
-    budget = float(os.environ.get("CHORUS_TRACKING_RETRY_S", 120)) if budget_s is None else budget_s
+    budget = env_seconds("CHORUS_TRACKING_RETRY_S", 120) if budget_s is None else budget_s
     t0, delay = time.monotonic(), 0.5
     while True:
         try:

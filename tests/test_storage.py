@@ -384,3 +384,34 @@ def test_worker_device_cuda_without_cuda_is_one_line(tmp_path):
     (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
     line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--device", "cuda:1"))
     assert "--device cuda:1: 'cuda:1' asked for but CUDA is not available here" in line
+
+
+def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
+    """A scheduler pre-empting a job sends SIGTERM: the run in flight is re-queued at once (not
+    after the heartbeat grace period) and its MLflow run marked KILLED; exit code 130."""
+    import signal
+
+    (tmp_path / "term.yaml").write_text(TINY.format(name="term").replace("steps_per_epoch: 3",
+                                                                         "steps_per_epoch: 400"))
+    assert runner(tmp_path, "run", "term.yaml", "--workers", "0").returncode == 0
+    p = subprocess.Popen([sys.executable, str(RUNNER), "worker", "term.yaml"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        ts = optuna.load_study(study_name="term", storage=storage).get_trials()
+        if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in ts):
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "interrupted: the run in flight was re-queued" in err
+    ts = optuna.load_study(study_name="term", storage=storage).get_trials()
+    stopped = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(stopped) == 1 and stopped[0].user_attrs["interrupted"] is True
+    waiting = [t for t in ts if t.state == TrialState.WAITING]
+    assert stopped[0].user_attrs["run_key"] in {t.user_attrs["run_key"] for t in waiting}
+    assert len(waiting) == 2 and waiting[0].user_attrs["attempt"] == 1  # not counted as a crash
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(stopped[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
