@@ -108,8 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise _BadInput(str(e)) from None
     if args.workers == 0:
+        from ablations.storage import safe_url
+
         print(f"{res.done}/{res.total} runs done; the rest are queued. Progress: python runner.py "
-              f"status {args.study} --storage {args.storage}")
+              f"status {args.study} --storage {safe_url(args.storage)}")
         return 0
     _print_summary(spec, res.summary)
     if res.done and not args.no_report and not res.interrupted:
@@ -172,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"study {st['study']}: {st['done']}/{st['total']} done, {st['running']} running, "
           f"{st['queued']} queued, {st['given_up']} failed (given up), "
           f"{st['failed_attempts']} failed attempts, {st['diverged']} diverged; "
-          f"ETA {st['eta_s'] / 60:.1f} min")
+          f"ETA {'-' if st['eta_s'] is None else format(st['eta_s'] / 60, '.1f') + ' min'}")
     return 0
 
 

@@ -45,7 +45,8 @@ from optuna.trial import TrialState
 from ablations import designs
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
-from ablations.storage import StoreError, heartbeat_s, open_storage, queue_lock, rdb, stale_trials
+from ablations.storage import (StoreError, heartbeat_s, open_storage, queue_lock, rdb, safe_url,
+                               stale_trials)
 from ablations.tracking import StudyTracker, check_reachable, fix_states
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
@@ -563,7 +564,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     storage, study = _open_study(spec, storage_url, create=True)
     if study.direction.name.lower() != spec.direction:
         raise StoreError(f"{spec.source}: objective.direction is {spec.direction} but study "
-                         f"{spec.name!r} in {storage_url} was created with "
+                         f"{spec.name!r} in {safe_url(storage_url)} was created with "
                          f"{study.direction.name.lower()}; use another name or storage")
     plan = plan_of(spec)
     tracker = StudyTracker(tracking_uri, spec.name)
@@ -578,10 +579,10 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
         desc += "\n\nDesign: " + designs.describe_fraction(spec.factors, spec.fraction)
     experiment_id = tracker.ensure_experiment(desc, {"study.design": spec.design,
                                                      "study.source": spec.source,
-                                                     "optuna.storage": storage_url})
+                                                     "optuna.storage": safe_url(storage_url)})
     parent = tracker.start_launch(
         f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={"study": spec.name, "design": spec.design, "optuna_storage": storage_url},
+        tags={"study": spec.name, "design": spec.design, "optuna_storage": safe_url(storage_url)},
         params={"design": spec.design, "factors": ",".join(f.name for f in spec.factors),
                 "seeds": json.dumps(list(spec.seeds)), "baseline": spec.baseline,
                 "base": json.dumps(spec.base), "objective": f"{spec.objective_metric} "
@@ -601,7 +602,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     try:
         if workers == 0:  # queue only: workers join with `runner.py worker`, here or elsewhere
             print(f"queued; start workers (any machine that reaches both stores): python runner.py "
-                  f"worker {spec.source} --storage {storage_url} --tracking-uri {tracking_uri}",
+                  f"worker {spec.source} --storage {safe_url(storage_url)} --tracking-uri {safe_url(tracking_uri)}",
                   file=out, flush=True)
         elif workers == 1:
             work(ctx, on_done=progress, out=out)
@@ -635,7 +636,7 @@ def _check_tracking(tracking_uri: str) -> None:
     try:
         check_reachable(tracking_uri)
     except Exception as e:
-        raise StoreError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store "
+        raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: cannot reach the tracking store "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
@@ -647,10 +648,10 @@ def _open_study(spec: StudySpec, storage_url: str,
     except StoreError:
         raise
     except KeyError:
-        raise StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
-                         f"`python runner.py run {spec.source} --storage {storage_url}` first") from None
+        raise StoreError(f"study {spec.name!r} not found in {safe_url(storage_url)}; start it with "
+                         f"`python runner.py run {spec.source} --storage {safe_url(storage_url)}` first") from None
     except Exception as e:
-        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
+        raise StoreError(f"--storage {safe_url(storage_url)}: cannot open the Optuna storage "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
@@ -665,16 +666,16 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
     if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
-        raise StoreError(f"study {spec.name!r} not found: {storage_url} does not exist; start it "
+        raise StoreError(f"study {spec.name!r} not found: {safe_url(storage_url)} does not exist; start it "
                          f"with `python runner.py run {spec.source}` first")
     _open_study(spec, storage_url, create=False)
     if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
-        raise StoreError(f"--tracking-uri {tracking_uri}: no such MLflow store; use the tracking "
+        raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: no such MLflow store; use the tracking "
                          f"URI the study was launched with")
     _check_tracking(tracking_uri)
     tracker = StudyTracker(tracking_uri, spec.name)
     if tracker.experiment_id is None:
-        raise StoreError(f"--tracking-uri {tracking_uri}: no MLflow experiment {spec.name!r}; use "
+        raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: no MLflow experiment {spec.name!r}; use "
                          f"the tracking URI the study was launched with")
     launches = tracker.client.search_runs([tracker.experiment_id], "tags.kind = 'launch'",
                                           order_by=["attributes.start_time DESC"], max_results=1)
@@ -765,7 +766,7 @@ def summarize(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
 
 def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     """Done / running / failed / queued counts, diverged count and an ETA, from the store."""
-    missing = StoreError(f"study {spec.name!r} not found in {storage_url}; start it with "
+    missing = StoreError(f"study {spec.name!r} not found in {safe_url(storage_url)}; start it with "
                          f"`python runner.py run {spec.source}`")
     if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
         raise missing  # and do not leave an empty database behind
@@ -776,7 +777,7 @@ def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     except StoreError:
         raise
     except Exception as e:
-        raise StoreError(f"--storage {storage_url}: cannot open the Optuna storage "
+        raise StoreError(f"--storage {safe_url(storage_url)}: cannot open the Optuna storage "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     stale_trials(study)
     trials = study.get_trials(deepcopy=False)
@@ -794,7 +795,8 @@ def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
                  if t.datetime_complete and t.datetime_start]
     left = max(0, (total or 0) - len(complete) - gave_up)
     parallel = max(1, count[TrialState.RUNNING])
-    eta = statistics.fmean(durations) * left / parallel if durations and left else 0.0
+    # no finished run to time yet: no estimate (None), rather than a misleading 0
+    eta = (statistics.fmean(durations) * left / parallel if durations else None) if left else 0.0
     return {"study": spec.name, "total": total, "done": len(complete),
             "running": count[TrialState.RUNNING], "queued": count[TrialState.WAITING],
             "failed_attempts": count[TrialState.FAIL], "given_up": gave_up,

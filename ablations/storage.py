@@ -69,6 +69,20 @@ def retry_budget_s() -> int:
     return env_seconds("CHORUS_STORAGE_RETRY_S", 120)
 
 
+def safe_url(url: str) -> str:
+    """The URL with any password masked: for messages, hints and MLflow tags."""
+    try:
+        if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            if url.startswith(("http://", "https://")):
+                scheme, rest = url.split("://", 1)
+                cred, host = rest.split("@", 1)
+                return f"{scheme}://{cred.split(':', 1)[0]}{':***' if ':' in cred else ''}@{host}"
+            return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL we can parse: shown as given
+        pass
+    return url
+
+
 # ----------------------------------------------------------------------------- retrying
 def is_transient(e: BaseException) -> bool:
     """A fault worth waiting out: a locked SQLite database or a lost/refused DB connection.
