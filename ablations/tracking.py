@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: hundreds
+# of lines between our progress lines. `runner.py ui` prints the study's URL instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 T = TypeVar("T")
 
 
