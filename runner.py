@@ -75,6 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outage(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (f"a store is unreachable, retries spent ({type(e).__name__}: "
+            f"{lines[0][:200] if lines else ''}); finished runs are kept, a run in flight is "
+            f"re-queued: run the same command again once the store is back")
+
+
 def _fmt(v: float, digits: int = 3) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -104,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
     try:
         res = launch(spec, args.storage, args.tracking_uri, args.workers,
-                     device=_device(args.device))
+                     device=_device(args.device, several=True))
     except StoreError as e:
         raise _BadInput(str(e)) from None
     if args.workers == 0:
@@ -175,6 +182,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{st['queued']} queued, {st['given_up']} failed (given up), "
           f"{st['failed_attempts']} failed attempts, {st['diverged']} diverged; "
           f"ETA {'-' if st['eta_s'] is None else format(st['eta_s'] / 60, '.1f') + ' min'}")
+    for r in st["in_flight"][:20]:
+        since = "" if r["running_s"] is None else f" for {r['running_s']:.0f} s"
+        print(f"  running: {r['cell']} | seed {r['seed']} on worker {r['worker']}{since}")
+    if len(st["in_flight"]) > 20:
+        print(f"  ... and {len(st['in_flight']) - 20} more")
     return 0
 
 
@@ -189,17 +201,19 @@ def _sigterm_is_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _device(device: str | None) -> str | None:
-    """--device: validated like TrainConfig.device, and CUDA must be there if asked for."""
+def _device(device: str | None, several: bool = False) -> str | None:
+    """--device: validated like TrainConfig.device, and CUDA must be there if asked for; `run`
+    takes a comma-separated list that its local workers share out (cuda:0,cuda:1)."""
     if device is None:
         return None
     from model.config import ConfigError, TrainConfig, resolve_device
 
-    try:
-        TrainConfig(device=device)
-        resolve_device(device)
-    except ConfigError as e:
-        raise _BadInput(f"--device {device}: {str(e).removeprefix('device: ')}") from None
+    for one in device.split(",") if several else [device]:
+        try:
+            TrainConfig(device=one)
+            resolve_device(one)
+        except ConfigError as e:
+            raise _BadInput(f"--device {device}: {str(e).removeprefix('device: ')}") from None
     return device
 
 
@@ -275,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", default=None, help="where the report goes (default reports/NAME)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
     r.add_argument("--device", default=None,
-                   help="run every run on this device (cpu, cuda, cuda:N); default: the study's")
+                   help="run every run on this device (cpu, cuda, cuda:N), or share out a list "
+                        "between the local workers (cuda:0,cuda:1); default: the study's")
     stores(r)
     r.set_defaults(func=cmd_run)
 
@@ -342,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     except _BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a store that went away mid-study: one line, finished runs are kept
+        from ablations.execute import is_outage
+        from ablations.storage import StoreUnavailable
+
+        if not (isinstance(e, StoreUnavailable) or is_outage(e)):
+            raise
+        print(f"error: {e if isinstance(e, StoreUnavailable) else _outage(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import multiprocessing
@@ -45,9 +46,9 @@ from optuna.trial import TrialState
 from ablations import designs
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
-from ablations.storage import (StoreError, heartbeat_s, open_storage, queue_lock, rdb, safe_url,
-                               stale_trials)
-from ablations.tracking import StudyTracker, check_reachable, fix_states
+from ablations.storage import (StoreError, StoreUnavailable, heartbeat_s, is_transient, open_storage,
+                               queue_lock, rdb, safe_url, stale_trials)
+from ablations.tracking import StudyTracker, check_reachable, fix_states, tracking_transient
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
 
@@ -111,6 +112,19 @@ def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) ->
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
         "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
         "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())})
+
+
+def close_orphans(study: optuna.Study, tracker: StudyTracker) -> int:
+    """Mark KILLED the MLflow runs left RUNNING by attempts whose trial is no longer running
+    (e.g. the tracking store was down when the attempt failed). Best effort; returns how many."""
+    try:
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        orphans = [rid for rid, number in tracker.running_runs() if number not in running]
+    except Exception:  # noqa: BLE001 - cosmetic: the analysis ignores RUNNING runs anyway
+        return 0
+    for run_id in orphans:
+        tracker.mark_lost(run_id, "left RUNNING by a failed or lost attempt", force=True)
+    return len(orphans)
 
 
 def fail_lost(study: optuna.Study, tracker: Optional[StudyTracker]) -> list[optuna.trial.FrozenTrial]:
@@ -243,8 +257,9 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
         raise
-    except BaseException:
-        child.fail(traceback.format_exc())
+    except BaseException as e:
+        if not is_outage(e):  # (with the store down, marking the run would wait on it again;
+            child.fail(traceback.format_exc())  # the next launch closes the run instead)
         raise
     return res, child.run_id
 
@@ -276,8 +291,10 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
         _tell_failed(study, trial, "interrupted", interrupted=True)
         _requeue(study, trial, attrs, crashed=False)
         raise
-    except Exception:
+    except Exception as e:
         tb = traceback.format_exc()
+        if is_outage(e):
+            _stop_for_outage(study, trial, tb, e, lambda: _requeue(study, trial, attrs, crashed=False))
         _tell_failed(study, trial, tb, interrupted=False)
         if attrs["attempt"] <= spec.retries:
             _requeue(study, trial, attrs, crashed=True)
@@ -307,6 +324,29 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
         tracker.mark_lost(child_run, "its Optuna trial could not be completed", force=True)
         raise
     return attrs
+
+
+def is_outage(e: BaseException) -> bool:
+    """The stores failed (retries spent), not the run: a storage or tracking outage."""
+    return is_transient(e) or tracking_transient(e)
+
+
+def _stop_for_outage(study: optuna.Study, trial: optuna.Trial, tb: str, e: BaseException,
+                     requeue: Callable[[], None]) -> None:
+    """Re-queue the run without using up one of its retries, then stop this worker: with a store
+    down, every next run would fail the same way and burn its retries too. If the Optuna storage
+    itself is down, the trial stays RUNNING and is re-queued once its heartbeat goes stale."""
+    with contextlib.suppress(Exception):
+        _tell_failed(study, trial, tb, interrupted=True)
+        requeue()
+    raise StoreUnavailable(f"a store is unreachable, retries spent ({_describe(e)}); the run in "
+                           f"flight was re-queued and this worker stopped: start it again once "
+                           f"the store is back") from e
+
+
+def _describe(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], crashed: bool) -> None:
@@ -362,8 +402,10 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
     except KeyboardInterrupt:
         _tell_failed(study, trial, "interrupted", interrupted=True)
         raise
-    except Exception:
+    except Exception as e:
         tb = traceback.format_exc()
+        if is_outage(e):  # a search trial is not re-queued: the sampler proposes another
+            _stop_for_outage(study, trial, tb, e, lambda: None)
         _tell_failed(study, trial, tb, interrupted=False)
         attrs.update(status="crashed", error=tb.strip().splitlines()[-1])
         return attrs
@@ -412,6 +454,7 @@ def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optiona
                    "this run is already running in another worker"
                    if any(t.state == TrialState.RUNNING for t in others) else None)
             if not why:
+                trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
                 return trial
             trial.set_user_attr("skipped", why)  # never run or count a run twice
             trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
@@ -485,6 +528,9 @@ def _worker_process(ctx: WorkerContext) -> None:
         work(ctx)
     except KeyboardInterrupt:
         sys.exit(130)
+    except StoreUnavailable as e:
+        print(f"worker {WORKER_ID}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -570,6 +616,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     tracker = StudyTracker(tracking_uri, spec.name)
     with queue_lock(storage, spec.name):
         state = reconcile(study, spec, plan, tracker)
+    close_orphans(study, tracker)
     total = spec.trials if spec.design == "search" else len(plan)
     already = (len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
                if spec.design == "search" else len(state.done))
@@ -605,7 +652,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                   f"worker {spec.source} --storage {safe_url(storage_url)} --tracking-uri {safe_url(tracking_uri)}",
                   file=out, flush=True)
         elif workers == 1:
-            work(ctx, on_done=progress, out=out)
+            work(worker_context(ctx, 0), on_done=progress, out=out)
         else:
             _run_processes(ctx, workers, study, progress)
     except KeyboardInterrupt:
@@ -630,6 +677,15 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                        {"runs_done": float(done), "runs_total": float(total),
                         "runs_given_up": float(gave_up)})
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
+
+
+def worker_context(ctx: WorkerContext, i: int) -> WorkerContext:
+    """Local worker i's context: with --device cuda:0,cuda:1 the workers take the devices in
+    turn (worker i gets device i mod n)."""
+    if not ctx.device or "," not in ctx.device:
+        return ctx
+    devices = ctx.device.split(",")
+    return dataclasses.replace(ctx, device=devices[i % len(devices)])
 
 
 def _check_tracking(tracking_uri: str) -> None:
@@ -693,8 +749,9 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
     large share of a small study (benchmarks/worker_scaling.py).
     """
     mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
-    procs = [mp.Process(target=_worker_process, args=(ctx,), daemon=False)
-             for _ in range(workers - 1)]
+    procs = [mp.Process(target=_worker_process, args=(worker_context(ctx, i),), daemon=False)
+             for i in range(1, workers)]
+    ctx = worker_context(ctx, 0)
     seen = {t.number for t in study.get_trials(deepcopy=False)
             if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
     lock, stop = threading.Lock(), threading.Event()
@@ -797,7 +854,12 @@ def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     parallel = max(1, count[TrialState.RUNNING])
     # no finished run to time yet: no estimate (None), rather than a misleading 0
     eta = (statistics.fmean(durations) * left / parallel if durations else None) if left else 0.0
+    now = datetime.datetime.now()  # Optuna stamps trials with the worker's local time
+    in_flight = [{"cell": t.user_attrs.get("cell", "?"), "seed": t.user_attrs.get("seed", "?"),
+                  "worker": t.user_attrs.get("worker", "?"),
+                  "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None}
+                 for t in trials if t.state == TrialState.RUNNING]
     return {"study": spec.name, "total": total, "done": len(complete),
             "running": count[TrialState.RUNNING], "queued": count[TrialState.WAITING],
             "failed_attempts": count[TrialState.FAIL], "given_up": gave_up,
-            "diverged": diverged, "eta_s": eta}
+            "diverged": diverged, "eta_s": eta, "in_flight": in_flight}

@@ -48,6 +48,10 @@ class StoreError(RuntimeError):
     """A storage or tracking store that cannot be opened; one line for the user."""
 
 
+class StoreUnavailable(RuntimeError):
+    """A store went away mid-study and stayed away past the retries; one line for the user."""
+
+
 def env_seconds(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:

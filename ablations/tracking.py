@@ -39,6 +39,9 @@ MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: hundreds
 # of lines between our progress lines. `runner.py ui` prints the study's URL instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's client retries a request 7 times with doubling waits (~4 min, measured 250 s) before it
+# fails; our own retry (CHORUS_TRACKING_RETRY_S) is what bounds an outage, so MLflow's is short.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 T = TypeVar("T")
 
 
@@ -154,6 +157,15 @@ class StudyTracker:
                   f"({str(e).splitlines()[0][:160]})", file=sys.stderr, flush=True)
             return []
         return [r.info.run_id for r in runs]
+
+    def running_runs(self) -> list[tuple[str, Optional[int]]]:
+        """(run id, Optuna trial number) of this study's RUNNING runs (not launches)."""
+        if self.experiment_id is None:
+            return []
+        runs = self.client.search_runs([self.experiment_id], "tags.kind = 'run' and "
+                                       "attributes.status = 'RUNNING'", max_results=10000)
+        return [(r.info.run_id, int(r.data.tags["optuna_trial"])
+                 if r.data.tags.get("optuna_trial", "").isdigit() else None) for r in runs]
 
     def mark_lost(self, run_id: str, why: str, force: bool = False) -> None:
         """Mark the MLflow run of a lost attempt KILLED (the analysis ignores it); best effort.

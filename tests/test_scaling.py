@@ -189,6 +189,8 @@ class MlflowServer:
         raise AssertionError(f"mlflow server did not start: {(self.dir / 'mlflow-server.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
         os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
         self.proc.wait(timeout=30)
 
@@ -247,3 +249,42 @@ def test_postgres_connections_dropped_mid_study(tmp_path, optuna_db):
     assert sum(killed) > 10, killed
     assert_each_run_once(optuna_db, tracking)
     print(f"connections killed: {sum(killed)}; storage retries logged: {err.count('storage: ')}")
+
+
+@pytest.mark.slow
+def test_tracking_server_down_for_good_stops_the_worker_without_losing_or_burning_runs(
+        tmp_path, optuna_db, mlflow_db):
+    """The server dies and stays down past the retries: the worker re-queues its run in flight
+    (not counted as a crash), stops with one line and exit 1; once the server is back, the next
+    launch closes the orphaned MLflow run and finishes the study, each run counted once."""
+    server = MlflowServer(mlflow_db, tmp_path)
+    server.start()
+    try:
+        queue(tmp_path, optuna_db, server.url, steps=20)
+        worker = runner(tmp_path, "worker", "s24.yaml", "--storage", optuna_db, "--tracking-uri",
+                        server.url, environ=env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                                                CHORUS_TRACKING_RETRY_S="3"))
+        deadline = time.time() + 180
+        while sum(t.state == TrialState.COMPLETE for t in trials(optuna_db)) < 3:
+            assert time.time() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        server.stop()
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 1, (out, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: a store is unreachable, retries spent") and \
+            "re-queued" in last, err[-2000:]
+        assert "Traceback" not in err
+        ts = trials(optuna_db)
+        assert not [t for t in ts if t.state == TrialState.RUNNING]
+        assert all(t.user_attrs["attempt"] == 1 for t in ts)  # no retry was used up
+        stopped = [t for t in ts if t.state == TrialState.FAIL]
+        assert len(stopped) == 1 and stopped[0].user_attrs["interrupted"] is True
+        server.start()
+        out, err = finish(runner(tmp_path, "run", "s24.yaml", "--no-report", "--storage",
+                                 optuna_db, "--tracking-uri", server.url), timeout=300)
+        assert "24/24 runs done" in out
+        runs = assert_each_run_once(optuna_db, server.url)
+        assert not [r for r in runs if r.info.status == "RUNNING"]  # the orphan was closed
+    finally:
+        server.stop()

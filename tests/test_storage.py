@@ -210,6 +210,9 @@ def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeyp
     execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
     study = execute.load_study(spec, st.open_storage(storage_url))
     execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})
+    (running,) = execute.study_status(spec, storage_url)["in_flight"]  # who runs what, for `status`
+    assert running["worker"] == execute.WORKER_ID and running["seed"] == 0
+    assert 0 <= running["running_s"] < 60
     ctx = execute.join(spec, storage_url, tracking, wait=False)
     assert execute.work(ctx, out=io.StringIO()) == 1
 
@@ -415,3 +418,12 @@ def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
     assert len(waiting) == 2 and waiting[0].user_attrs["attempt"] == 1  # not counted as a crash
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(stopped[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_run_shares_a_device_list_out_between_its_local_workers():
+    ctx = execute.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
+                                device="cuda:0,cuda:1")
+    assert [execute.worker_context(ctx, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    one = execute.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
+                                device="cuda:1")
+    assert execute.worker_context(one, 5).device == "cuda:1"
