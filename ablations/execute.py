@@ -311,7 +311,13 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     # MLflow FINISHED first, then the trial COMPLETE: a run that is COMPLETE in Optuna is always
     # counted in MLflow. If the tell fails, the MLflow run is un-finished again (below) or, if
     # this worker dies first, the run is re-run and the analysis keeps one FINISHED run per key.
-    tracker.finish_run(child_run)
+    try:
+        tracker.finish_run(child_run)
+    except Exception as e:
+        if is_outage(e):
+            _stop_for_outage(study, trial, traceback.format_exc(), e,
+                             lambda: _requeue(study, trial, attrs, crashed=False))
+        raise
     try:
         study.tell(trial, value)
     except UpdateFinishedTrialError:
