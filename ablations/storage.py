@@ -120,7 +120,7 @@ def _is_transient_one(e: BaseException) -> bool:
         msg = str(e).lower()
         if "sqlite" in type(getattr(e, "orig", e)).__module__ or "sqlite" in msg:
             return "locked" in msg or "busy" in msg
-        return True  # psycopg2/MySQL OperationalError: connection refused, closed, terminated
+        return True  # PostgreSQL/MySQL OperationalError: connection refused, closed, terminated
     if isinstance(e, sqlalchemy.exc.TimeoutError):  # connection pool exhausted for a while
         return True
     if isinstance(e, sqlalchemy.exc.PendingRollbackError):  # a session the lost connection broke
@@ -137,7 +137,12 @@ _CANNOT_CONNECT = ("could not connect", "connection refused", "connection failed
 
 def is_dropped(e: BaseException) -> bool:
     """Transient, and not a failure to connect at all: for opening a store."""
-    return is_transient(e) and not any(m in str(e).lower() for m in _CANNOT_CONNECT)
+    text, c = "", e
+    for _ in range(5):  # the whole chain of causes: Optuna may have wrapped the driver's error
+        if c is None:
+            break
+        text, c = text + " " + str(c).lower(), c.__cause__ or c.__context__
+    return is_transient(e) and not any(m in text for m in _CANNOT_CONNECT)
 
 
 def with_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None,

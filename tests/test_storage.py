@@ -145,6 +145,9 @@ def test_transient_faults_are_told_from_configuration_errors():
     assert st.is_transient(locked) and not st.is_transient(no_table)
     assert st.is_transient(dropped) and st.is_transient(wrapped)
     assert st.is_dropped(dropped) and not st.is_dropped(refused)  # opening: refused is an error
+    wrapped_refused = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
+    wrapped_refused.__cause__ = refused
+    assert st.is_transient(wrapped_refused) and not st.is_dropped(wrapped_refused)
     assert not st.is_transient(ValueError("x"))
 
 
