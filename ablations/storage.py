@@ -147,9 +147,11 @@ def is_dropped(e: BaseException) -> bool:
 
 def with_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None,
                on_retry: Optional[Callable[[BaseException], None]] = None,
-               transient: Callable[[BaseException], bool] = is_transient) -> T:
+               transient: Callable[[BaseException], bool] = is_transient,
+               label: str = "storage") -> T:
     """Call fn; on a transient fault wait 0.2 s, 0.4 s, ... (capped at 10 s, jittered) and retry
-    until `budget_s` has passed, then re-raise the last fault."""
+    until `budget_s` (default CHORUS_STORAGE_RETRY_S) has passed, then re-raise the last fault.
+    The tracking store uses it too, with its own classifier and budget."""
     budget = retry_budget_s() if budget_s is None else budget_s
     t0, delay, n = time.monotonic(), 0.2, 0
     while True:
@@ -162,7 +164,7 @@ def with_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None,
             if on_retry:
                 on_retry(e)
             if n == 1 or n % 5 == 0:
-                print(f"storage: {what} failed ({_root_cause(e)}); retrying (attempt {n + 1})",
+                print(f"{label}: {what} failed ({_root_cause(e)}); retrying (attempt {n + 1})",
                       file=sys.stderr, flush=True)
             time.sleep(delay * random.uniform(0.75, 1.25))
             delay = min(delay * 2, 10.0)

@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablations.fixes import FIXES
-from ablations.storage import env_seconds
+from ablations.storage import env_seconds, with_retry
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -55,19 +55,9 @@ def tracking_transient(e: BaseException) -> bool:
 
 def tracking_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None) -> T:
     """Call fn, retrying transient tracking faults with backoff for CHORUS_TRACKING_RETRY_S
-    (default 120 s) on top of MLflow's own per-request retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
-    budget = env_seconds("CHORUS_TRACKING_RETRY_S", 120) if budget_s is None else budget_s
-    t0, delay = time.monotonic(), 0.5
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified right below
-            if not tracking_transient(e) or time.monotonic() - t0 + delay > budget:
-                raise
-            print(f"tracking: {what} failed ({str(e).splitlines()[0][:160]}); retrying in "
-                  f"{delay:.1f} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+    (default 120 s) on top of MLflow's own per-request retries (cut to 2, above)."""
+    return with_retry(fn, what, env_seconds("CHORUS_TRACKING_RETRY_S", 120) if budget_s is None
+                      else budget_s, transient=tracking_transient, label="tracking")
 
 
 @functools.lru_cache(maxsize=1)

@@ -79,6 +79,14 @@ def trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="s24", storage=storage).get_trials()
 
 
+def wait_for_complete(storage: str, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until n runs are COMPLETE (the process must still be working)."""
+    deadline = time.time() + timeout
+    while sum(t.state == TrialState.COMPLETE for t in trials(storage)) < n:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+
+
 def assert_each_run_once(storage: str, tracking: str) -> list:
     """24 COMPLETE trials with 24 distinct runs; 24 FINISHED MLflow runs, one per run, each with
     its whole curve; the analysis counts 24."""
@@ -208,10 +216,7 @@ def test_tracking_server_stopped_and_restarted_mid_study(tmp_path, optuna_db, ml
                         environ=env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
                                     CHORUS_TRACKING_RETRY_S="120"))
-        deadline = time.time() + 180
-        while sum(t.state == TrialState.COMPLETE for t in trials(optuna_db)) < 6:
-            assert time.time() < deadline and launch.poll() is None
-            time.sleep(0.2)
+        wait_for_complete(optuna_db, 6, launch)
         server.stop()
         time.sleep(6)  # runs keep training; their writes fail and are retried
         server.start()
@@ -264,10 +269,7 @@ def test_tracking_server_down_for_good_stops_the_worker_without_losing_or_burnin
         worker = runner(tmp_path, "worker", "s24.yaml", "--storage", optuna_db, "--tracking-uri",
                         server.url, environ=env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                                                 CHORUS_TRACKING_RETRY_S="3"))
-        deadline = time.time() + 180
-        while sum(t.state == TrialState.COMPLETE for t in trials(optuna_db)) < 3:
-            assert time.time() < deadline and worker.poll() is None
-            time.sleep(0.2)
+        wait_for_complete(optuna_db, 3, worker)
         server.stop()
         out, err = worker.communicate(timeout=120)
         assert worker.returncode == 1, (out, err)

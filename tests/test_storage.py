@@ -58,6 +58,23 @@ def quick(monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class Queued:
+    """A tiny 2-run study queued (`run --workers 0`) on SQLite stores in tmp_path."""
+
+    def __init__(self, tmp_path: Path, name: str, yaml_text: str | None = None):
+        (tmp_path / f"{name}.yaml").write_text(yaml_text or TINY.format(name=name))
+        self.spec = load_spec(tmp_path / f"{name}.yaml")
+        self.storage = f"sqlite:///{tmp_path}/o.db"
+        self.tracking = f"sqlite:///{tmp_path}/m.db"
+        execute.launch(self.spec, self.storage, self.tracking, workers=0, out=io.StringIO())
+        self.study = execute.load_study(self.spec, st.open_storage(self.storage))
+        self.plan = execute.plan_of(self.spec)
+
+    def claim(self):
+        """Claim a run as a worker would (and then 'die': nobody beats its heartbeat)."""
+        return execute._claim(self.study, self.spec, {r.run_key for r in self.plan})
+
+
 def new_study(url: str, name: str = "s") -> optuna.Study:
     return optuna.create_study(study_name=name, storage=st.open_storage(url))
 
@@ -163,12 +180,9 @@ def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monk
     """A worker claims a run, creates its MLflow run and dies (no more heartbeats): the next
     launch fails the trial as lost, marks its MLflow run KILLED and runs it again."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "lost.yaml").write_text(TINY.format(name="lost"))
-    spec = load_spec(tmp_path / "lost.yaml")
-    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
-    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
-    study = execute.load_study(spec, st.open_storage(storage_url))
-    trial = execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})
+    q = Queued(tmp_path, "lost")
+    spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
+    trial = q.claim()
     tracker = StudyTracker(tracking, spec.name)
     dead = tracker.client.create_run(tracker.experiment_id, tags={
         "kind": "run", "optuna_trial": str(trial.number)}).info.run_id
@@ -191,12 +205,9 @@ def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monk
 def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
         tmp_path, monkeypatch, fast_heartbeat):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "wait.yaml").write_text(TINY.format(name="wait"))
-    spec = load_spec(tmp_path / "wait.yaml")
-    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
-    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
-    study = execute.load_study(spec, st.open_storage(storage_url))
-    execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})  # then "dies"
+    q = Queued(tmp_path, "wait")
+    spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
+    q.claim()  # then "dies"
     out = io.StringIO()
     n = execute.work(execute.join(spec, storage_url, tracking), out=out)
     assert n == 2  # its own run, then the lost one once it went stale
@@ -207,12 +218,9 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
 
 def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "nowait.yaml").write_text(TINY.format(name="nowait"))
-    spec = load_spec(tmp_path / "nowait.yaml")
-    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
-    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
-    study = execute.load_study(spec, st.open_storage(storage_url))
-    execute._claim(study, spec, {r.run_key for r in execute.plan_of(spec)})
+    q = Queued(tmp_path, "nowait")
+    spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
+    q.claim()
     (running,) = execute.study_status(spec, storage_url)["in_flight"]  # who runs what, for `status`
     assert running["worker"] == execute.WORKER_ID and running["seed"] == 0
     assert 0 <= running["running_s"] < 60
@@ -224,11 +232,8 @@ def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, mo
     """Two WAITING trials for one run (e.g. two launches reconciling at once on an old version):
     the second is popped while the first runs and is skipped, not run twice."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "dup.yaml").write_text(TINY.format(name="dup"))
-    spec = load_spec(tmp_path / "dup.yaml")
-    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
-    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
-    study = execute.load_study(spec, st.open_storage(storage_url))
+    q = Queued(tmp_path, "dup")
+    spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     plan = execute.plan_of(spec)
     execute.enqueue_run(study, spec, plan[0], attempt=1)  # a duplicate of the first run
     keys = {r.run_key for r in plan}
@@ -367,10 +372,8 @@ def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path
     """`--device` changes the device every run trains on (recorded in MLflow), never the run's
     identity: the run keys, and so what counts as done, stay those of the study file."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "dev.yaml").write_text(TINY.format(name="dev").replace("device: cpu", "device: auto"))
-    spec = load_spec(tmp_path / "dev.yaml")
-    storage_url, tracking = f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db"
-    execute.launch(spec, storage_url, tracking, workers=0, out=io.StringIO())
+    q = Queued(tmp_path, "dev", TINY.format(name="dev").replace("device: cpu", "device: auto"))
+    spec, storage_url, tracking = q.spec, q.storage, q.tracking
     assert execute.work(execute.join(spec, storage_url, tracking, device="cpu"),
                         out=io.StringIO()) == 2
     study = execute.load_study(spec, st.open_storage(storage_url))
