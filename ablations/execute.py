@@ -789,9 +789,9 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
         for p in procs:
             p.join()
     except KeyboardInterrupt:
-        for p in procs:  # a terminal's Ctrl-C reaches them too; `kill -INT parent` does not
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+        for p in procs:  # a terminal's Ctrl-C reaches them too; `kill parent` does not. SIGTERM,
+            if p.is_alive():  # not SIGINT: a shell starts background jobs with SIGINT ignored
+                p.terminate()
         for p in procs:
             p.join(timeout=60)
         raise

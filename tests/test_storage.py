@@ -433,3 +433,41 @@ def test_run_shares_a_device_list_out_between_its_local_workers():
     one = execute.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
                                 device="cuda:1")
     assert execute.worker_context(one, 5).device == "cuda:1"
+
+
+@pytest.mark.slow  # ~25 s: a launch with 2 worker processes, stopped, then resumed
+def test_sigterm_stops_a_multi_worker_launch_and_the_next_run_resumes(tmp_path):
+    """`kill` of `run --workers 2` (started in the background, where a shell ignores SIGINT):
+    both workers stop, their runs are re-queued, nothing is left RUNNING, and the same command
+    finishes the study with every run counted once."""
+    import signal
+
+    (tmp_path / "stop.yaml").write_text(TINY.format(name="stop").replace(
+        "plain_residual: [off, on]", "plain_residual: [off, on]\n  lr: [1e-4, 3e-3]").replace(
+        "seeds: [0]", "seeds: 4").replace("steps_per_epoch: 3", "steps_per_epoch: 600"))
+    args = [sys.executable, str(RUNNER), "run", "stop.yaml", "--workers", "2", "--no-report"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # both workers busy, at least one run done
+        with contextlib.suppress(Exception):
+            ts = optuna.load_study(study_name="stop", storage=storage).get_trials()
+            if (sum(t.state == TrialState.RUNNING for t in ts) == 2 and
+                    any(t.state == TrialState.COMPLETE for t in ts)):
+                break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (out, err[-2000:])
+    ts = optuna.load_study(study_name="stop", storage=storage).get_trials()
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    done = sum(t.state == TrialState.COMPLETE for t in ts)
+    assert 1 <= done < 16
+    assert sum(t.state == TrialState.FAIL and t.user_attrs.get("interrupted") for t in ts) == 2
+    again = runner(tmp_path, "run", "stop.yaml", "--workers", "2", "--no-report", timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"16 runs ({done} done" in again.stdout and "16/16 runs done" in again.stdout
+    ts = optuna.load_study(study_name="stop", storage=storage).get_trials()
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert len(complete) == 16 and len({t.user_attrs["run_key"] for t in complete}) == 16
