@@ -2,13 +2,16 @@
 """chorus-ablations command line: which of the seed's training-stability fixes matter?
 
     python runner.py run studies/quick.yaml [--workers N] [--storage URL] [--tracking-uri URI]
+    python runner.py worker studies/quick.yaml --storage postgresql://... --tracking-uri http://...
     python runner.py status studies/quick.yaml
+    python runner.py report studies/quick.yaml
     python runner.py fixes
     python runner.py train [--set key=value ...]
     python runner.py ui [--tracking-uri URI] [--port P]
 
-Exit codes: 0 done, 1 runs failed, 2 bad input. This file only parses, calls ablations/ and
-model/, prints and exits; the work happens there.
+Exit codes: 0 done, 1 runs failed (or a store went away past the retries), 2 bad input,
+130 interrupted. This file only parses, calls ablations/ and model/, prints and exits; the work
+happens there.
 """
 
 from __future__ import annotations
