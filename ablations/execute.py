@@ -435,20 +435,36 @@ def _search_budget_left(study: optuna.Study, spec: StudySpec) -> bool:
     return live < (spec.trials or 0) and crashed < (spec.trials or 0) * (1 + spec.retries)
 
 
+def _pop(study: optuna.Study) -> Optional[int]:
+    """Optuna's pop (Study._pop_waiting_trial_id: WAITING -> RUNNING, no sampling), but with the
+    trial's heartbeat recorded *before* it turns RUNNING. Optuna never declares a RUNNING trial
+    without any heartbeat stale, so a worker killed between the pop and its first beat would
+    leave its run RUNNING forever; a beat on a WAITING trial is harmless (only RUNNING trials
+    are checked, and the next claimer beats again)."""
+    storage = study._storage
+    beat = bool(rdb(storage).heartbeat_interval)
+    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        if beat:
+            storage.record_heartbeat(t._trial_id)
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return t._trial_id
+        except UpdateFinishedTrialError:  # finished by someone else meanwhile
+            continue
+    return None
+
+
 def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optional[optuna.Trial]:
     """Pop a waiting trial that is a run of this plan, not done and not running elsewhere.
 
     Under queue_lock, so the check and the claim are one step for every worker on every machine.
-    The trial's first heartbeat is recorded at once: from then on, a killed worker is noticed.
     """
     storage = study._storage
     with queue_lock(storage, spec.name):
         while True:
-            trial_id = study._pop_waiting_trial_id()  # Optuna's own pop, without sampling
+            trial_id = _pop(study)
             if trial_id is None:
                 return None
-            if rdb(storage).heartbeat_interval:
-                storage.record_heartbeat(trial_id)
             trial = optuna.Trial(study, trial_id)
             if spec.design == "search":
                 return trial

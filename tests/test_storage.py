@@ -471,3 +471,24 @@ def test_sigterm_stops_a_multi_worker_launch_and_the_next_run_resumes(tmp_path):
     ts = optuna.load_study(study_name="stop", storage=storage).get_trials()
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
     assert len(complete) == 16 and len({t.user_attrs["run_key"] for t in complete}) == 16
+
+
+def test_a_worker_killed_right_after_claiming_a_run_is_still_found_lost(tmp_path, monkeypatch,
+                                                                        fast_heartbeat):
+    """The claim's commit lands and the worker dies before doing anything else: the heartbeat
+    was recorded before the trial turned RUNNING, so the trial still goes stale (Optuna never
+    declares a RUNNING trial without a heartbeat stale)."""
+    monkeypatch.chdir(tmp_path)
+    q = Queued(tmp_path, "gap")
+    real = st.RetryingRDBStorage.set_trial_state_values
+
+    def commit_then_die(self, trial_id, state, values=None):
+        real(self, trial_id, state, values)
+        raise KeyboardInterrupt  # stands in for SIGKILL right after the commit
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(st.RetryingRDBStorage, "set_trial_state_values", commit_then_die)
+        q.claim()
+    (running,) = [t for t in q.study.get_trials() if t.state == TrialState.RUNNING]
+    time.sleep(3)  # > CHORUS_GRACE_S
+    assert [t.number for t in st.stale_trials(q.study)] == [running.number]
