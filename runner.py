@@ -79,10 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _outage(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return (f"a store is unreachable, retries spent ({type(e).__name__}: "
-            f"{lines[0][:200] if lines else ''}); finished runs are kept, a run in flight is "
-            f"re-queued: run the same command again once the store is back")
+    from ablations.storage import describe_error
+
+    return (f"a store is unreachable, retries spent ({describe_error(e)}); finished runs are "
+            f"kept, a run in flight is re-queued: run the same command again once the store is "
+            f"back")
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -221,8 +222,8 @@ def _device(device: str | None, several: bool = False) -> str | None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ablations.execute import (Progress, StoreError, count_done, join, load_study, study_status,
-                                   threads_per_worker, work)
+    from ablations.execute import (Progress, StoreError, count_done, join, load_study, plan_of,
+                                   study_status, threads_per_worker, work)
     from ablations.storage import open_storage
 
     spec = _load_spec(args.study)
@@ -240,8 +241,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
               + (f", device {ctx.device}" if ctx.device else ""), flush=True)
         study = load_study(spec, open_storage(args.storage))
+        keys = {r.run_key for r in plan_of(spec)}
         progress = Progress(total=st["total"] or 0, already=st["done"], workers=1,
-                            done_fn=lambda: count_done(study, spec))
+                            done_fn=lambda: count_done(study, spec, keys))
         n = work(ctx, on_done=progress)
     except StoreError as e:
         raise _BadInput(str(e)) from None

@@ -46,8 +46,8 @@ from optuna.trial import TrialState
 from ablations import designs
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
-from ablations.storage import (StoreError, StoreUnavailable, heartbeat_s, is_transient, open_storage,
-                               queue_lock, rdb, safe_url, stale_trials)
+from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
+                               is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
 from ablations.tracking import StudyTracker, check_reachable, fix_states, tracking_transient
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
@@ -345,14 +345,9 @@ def _stop_for_outage(study: optuna.Study, trial: optuna.Trial, tb: str, e: BaseE
     with contextlib.suppress(Exception):
         _tell_failed(study, trial, tb, interrupted=True)
         requeue()
-    raise StoreUnavailable(f"a store is unreachable, retries spent ({_describe(e)}); the run in "
+    raise StoreUnavailable(f"a store is unreachable, retries spent ({describe_error(e)}); the run in "
                            f"flight was re-queued and this worker stopped: start it again once "
                            f"the store is back") from e
-
-
-def _describe(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any], crashed: bool) -> None:
@@ -605,12 +600,13 @@ class Progress:
               f"{self.crashed}, ETA {eta})", file=self.out, flush=True)
 
 
-def count_done(study: optuna.Study, spec: StudySpec) -> int:
-    """Runs of the plan with a COMPLETE trial (search: COMPLETE trials)."""
+def count_done(study: optuna.Study, spec: StudySpec, keys: Optional[set[str]] = None) -> int:
+    """Runs of the plan with a COMPLETE trial (search: COMPLETE trials). Pass the plan's run
+    keys when calling it repeatedly: making the plan hashes every run's config."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if spec.design == "search":
         return len(complete)
-    keys = {r.run_key for r in plan_of(spec)}
+    keys = keys if keys is not None else {r.run_key for r in plan_of(spec)}
     return len({t.user_attrs.get("run_key") for t in complete} & keys)
 
 
@@ -715,11 +711,17 @@ def _check_tracking(tracking_uri: str) -> None:
         check_reachable(tracking_uri)
     except Exception as e:
         raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: cannot reach the tracking store "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"({describe_error(e)})") from None
 
 
 def _open_study(spec: StudySpec, storage_url: str,
                 create: bool) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    """Open (or with `create`, create) the study; one-line StoreErrors. Opening an existing
+    study never leaves an empty SQLite database behind where there was none."""
+    if not create and storage_url.startswith("sqlite:///") and \
+            not os.path.exists(storage_url[len("sqlite:///"):]):
+        raise StoreError(f"study {spec.name!r} not found: {safe_url(storage_url)} does not exist; "
+                         f"start it with `python runner.py run {spec.source}` first")
     try:
         storage = open_storage(storage_url)
         return storage, load_study(spec, storage, create=create)
@@ -730,7 +732,7 @@ def _open_study(spec: StudySpec, storage_url: str,
                          f"`python runner.py run {spec.source} --storage {safe_url(storage_url)}` first") from None
     except Exception as e:
         raise StoreError(f"--storage {safe_url(storage_url)}: cannot open the Optuna storage "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"({describe_error(e)})") from None
 
 
 def threads_per_worker(workers: int) -> int:
@@ -743,9 +745,6 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
          threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
-    if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
-        raise StoreError(f"study {spec.name!r} not found: {safe_url(storage_url)} does not exist; start it "
-                         f"with `python runner.py run {spec.source}` first")
     _open_study(spec, storage_url, create=False)
     if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
         raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: no such MLflow store; use the tracking "
@@ -845,31 +844,20 @@ def summarize(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
 
 def study_status(spec: StudySpec, storage_url: str) -> dict[str, Any]:
     """Done / running / failed / queued counts, diverged count and an ETA, from the store."""
-    missing = StoreError(f"study {spec.name!r} not found in {safe_url(storage_url)}; start it with "
-                         f"`python runner.py run {spec.source}`")
-    if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
-        raise missing  # and do not leave an empty database behind
-    try:
-        study = load_study(spec, open_storage(storage_url))
-    except KeyError:
-        raise missing from None
-    except StoreError:
-        raise
-    except Exception as e:
-        raise StoreError(f"--storage {safe_url(storage_url)}: cannot open the Optuna storage "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _, study = _open_study(spec, storage_url, create=False)
     stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     diverged = sum(t.user_attrs.get("status") == "diverged" or
                    int(t.user_attrs.get("diverged_runs", 0) or 0) > 0 for t in complete)
-    total = spec.trials if spec.design == "search" else len(plan_of(spec))
+    plan = plan_of(spec)
+    total = spec.trials if spec.design == "search" else len(plan)
     by_key = _trials_by_key(study)
     gave_up = 0 if spec.design == "search" else sum(
         _attempts(by_key.get(r.run_key, [])) > spec.retries and
         not any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
-        for r in plan_of(spec))
+        for r in plan)
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
                  if t.datetime_complete and t.datetime_start]
     left = max(0, (total or 0) - len(complete) - gave_up)

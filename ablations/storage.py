@@ -73,6 +73,12 @@ def retry_budget_s() -> int:
     return env_seconds("CHORUS_STORAGE_RETRY_S", 120)
 
 
+def describe_error(e: BaseException, width: int = 200) -> str:
+    """'Type: first line of the message', for one-line errors (an empty message is fine too)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:width] if lines else ''}"
+
+
 def safe_url(url: str) -> str:
     """The URL with any password masked: for messages, hints and MLflow tags."""
     try:

@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablations.fixes import FIXES
-from ablations.storage import env_seconds, with_retry
+from ablations.storage import describe_error, env_seconds, with_retry
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -144,7 +144,7 @@ class StudyTracker:
                                       f"attributes.status = 'RUNNING'", max_results=100)
         except Exception as e:  # noqa: BLE001 - then the runs stay RUNNING, ignored by analysis
             print(f"tracking: could not look up the runs of trial {trial_number} "
-                  f"({str(e).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+                  f"({describe_error(e, 160)})", file=sys.stderr, flush=True)
             return []
         return [r.info.run_id for r in runs]
 
@@ -167,7 +167,7 @@ class StudyTracker:
                 self.client.set_tag(run_id, "lost", why)
                 self.client.set_terminated(run_id, "KILLED")
         except Exception as e:  # noqa: BLE001 - the analysis ignores a RUNNING run too
-            print(f"tracking: could not mark run {run_id} killed ({str(e).splitlines()[0][:160]})",
+            print(f"tracking: could not mark run {run_id} killed ({describe_error(e, 160)})",
                   file=sys.stderr, flush=True)
 
     def start_child(self, parent_run_id: Optional[str], run_name: str, cfg: TrainConfig,
