@@ -64,6 +64,14 @@ def _experiment_id(client: MlflowClient, study: str) -> str:
     return exp.experiment_id
 
 
+def study_stress(study: str, tracking_uri: Optional[str] = None) -> list[str]:
+    """The study's stress factors (the experiment tag `study.stress` written at launch)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    tag = exp.tags.get("study.stress", "") if exp is not None else ""
+    return [s for s in tag.split(",") if s]
+
+
 def parse_cell(cell: str) -> dict[str, object]:
     """'bias_init=on lr=0.001' -> {'bias_init': True, 'lr': 0.001}."""
     out: dict[str, object] = {}
@@ -105,6 +113,7 @@ def load_runs(study: str, tracking_uri: Optional[str] = None,
             row = {"run_id": r.info.run_id, "run_key": t.get("run_key"), "cell": t.get("cell", ""),
                    "cell_id": t.get("cell_id"), "seed": int(t.get("seed", -1)),
                    "status": t["status"], "roles": t.get("roles", ""),
+                   "first_nonfinite_where": t.get("first_nonfinite_where", ""),
                    "start_time": r.info.start_time}
             row.update(parse_cell(row["cell"]))
             for k, v in m.items():

@@ -84,9 +84,29 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# The TrainConfig fields that existed when run keys were first issued (keys hash all of them).
+# A field added later enters a key only where it differs from its default, and a new field's
+# default must reproduce the behaviour from before it existed: so an upgrade that adds a field
+# leaves every existing key, and every finished run of a resumed study, as it was.
+KEY_FIELDS_V1 = frozenset((
+    "anomaly_mode", "batch_size", "cache_dir", "chorus_labels", "classifier_bias", "data_dir",
+    "data_seed", "data_source", "device", "dropout", "epochs", "forensics", "frame_rate", "frames",
+    "grad_clip", "hidden_dim", "hop_length", "input_norm", "kernel_size", "lead_up", "lr",
+    "n_blocks", "n_features", "n_fft", "n_songs", "nonfinite", "norm", "optimizer", "param_clamp",
+    "residual_scale", "rollback_every", "sample_rate", "seed", "skip_bad_tracks", "spike_action",
+    "spike_factor", "spike_window", "steps_per_epoch", "structures", "val_fraction",
+    "weight_decay"))
+_DEFAULTS: dict[str, Any] = {}
+
+
 def config_key(cfg: TrainConfig) -> str:
-    """Stable id of a resolved config (12 hex digits of a SHA-256 of its canonical JSON)."""
-    return stable_hash(cfg.to_dict())[:12]
+    """Stable id of a resolved config: 12 hex digits of a SHA-256 of its canonical JSON, over the
+    KEY_FIELDS_V1 fields plus each later field that differs from its default."""
+    if not _DEFAULTS:
+        _DEFAULTS.update(TrainConfig().to_dict())
+    d = cfg.to_dict()
+    return stable_hash({k: v for k, v in d.items()
+                        if k in KEY_FIELDS_V1 or v != _DEFAULTS[k]})[:12]
 
 
 def _jsonable(v: Any) -> Any:
@@ -192,14 +212,22 @@ def describe_fraction(factors: tuple[Factor, ...], p: int) -> str:
 
 
 def cells(spec: StudySpec) -> list[Cell]:
-    """The cells of a non-search design."""
+    """The cells of a non-search design, each crossed with every combination of the stress
+    factors (stress values last in the assignment, the design's roles kept)."""
+    factors = spec.design_factors
     if spec.design == "full_factorial":
-        return full_factorial(spec.factors)
-    if spec.design == "one_at_a_time":
-        return one_at_a_time(spec.factors)
-    if spec.design == "fractional_factorial":
-        return fractional_factorial(spec.factors, spec.fraction)
-    raise ValueError(f"design {spec.design!r} has no fixed cells (cells are sampled)")
+        design = full_factorial(factors)
+    elif spec.design == "one_at_a_time":
+        design = one_at_a_time(factors)
+    elif spec.design == "fractional_factorial":
+        design = fractional_factorial(factors, spec.fraction)
+    else:
+        raise ValueError(f"design {spec.design!r} has no fixed cells (cells are sampled)")
+    stress = spec.stress_factors
+    if not stress:
+        return design
+    return [Cell(c.assignment + s.assignment, c.roles)
+            for c in design for s in full_factorial(stress)]
 
 
 def resolve(spec: StudySpec, cell: Cell, seed: int) -> TrainConfig:

@@ -641,10 +641,12 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
 
     desc = spec.description or f"Ablation study {spec.name}"
     if spec.design == "fractional_factorial":
-        desc += "\n\nDesign: " + designs.describe_fraction(spec.factors, spec.fraction)
-    experiment_id = tracker.ensure_experiment(desc, {"study.design": spec.design,
-                                                     "study.source": spec.source,
-                                                     "optuna.storage": safe_url(storage_url)})
+        desc += "\n\nDesign: " + designs.describe_fraction(spec.design_factors, spec.fraction)
+    exp_tags = {"study.design": spec.design, "study.source": spec.source,
+                "optuna.storage": safe_url(storage_url)}
+    if spec.stress_factors:  # the analysis reads which factors are the stress axis from here
+        exp_tags["study.stress"] = ",".join(f.name for f in spec.stress_factors)
+    experiment_id = tracker.ensure_experiment(desc, exp_tags)
     parent = tracker.start_launch(
         f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={"study": spec.name, "design": spec.design, "optuna_storage": safe_url(storage_url)},
@@ -653,7 +655,9 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                 "base": json.dumps(spec.base), "objective": f"{spec.objective_metric} "
                                                              f"({spec.direction})",
                 "runs_total": total, "workers": workers})
-    print(f"study {spec.name}: {spec.design}, {len(spec.factors)} factors, "
+    print(f"study {spec.name}: {spec.design}, {len(spec.design_factors)} factors"
+          + (f" x stress {', '.join(f.name for f in spec.stress_factors)}"
+             if spec.stress_factors else "") + ", "
           f"{total} {'trials' if spec.design == 'search' else 'runs'} "
           f"({already} done, {len(state.pending)} in flight elsewhere, "
           f"{len(state.gave_up)} given up); {workers} worker(s)", file=out, flush=True)

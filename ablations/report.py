@@ -39,6 +39,8 @@ class Report:
     interactions: pd.DataFrame
     one_at_a_time: pd.DataFrame
     path: pd.DataFrame
+    stress: list[str] = field(default_factory=list)
+    stability_effects: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: Optional[Path] = None
 
@@ -237,7 +239,8 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None) -> Report:
                   analysis.interactions(runs, factors),
                   analysis.one_at_a_time(runs) if runs["roles"].str.len().gt(0).any()
                   else pd.DataFrame(),
-                  analysis.ablation_path(runs, factors))
+                  analysis.ablation_path(runs, factors),
+                  stress=analysis.study_stress(study, tracking_uri))
 
 
 def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,
@@ -286,6 +289,13 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
         lines += ["## One at a time (final F1)", "", analysis.to_markdown(rep.one_at_a_time), ""]
     if not rep.path.empty:
         lines += ["## Ablation path (greedy, final F1)", "", analysis.to_markdown(rep.path), ""]
+    if rep.stress:
+        from ablations import stability_report
+
+        st_lines, st_figs, rep.stability_effects = stability_report.section(
+            runs, rep.factors, rep.stress, out_dir, analysis.to_markdown)
+        lines += st_lines
+        rep.figures.update(st_figs)
     lines += ["## Figures", ""]
     for name, fig in rep.figures.items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
@@ -324,5 +334,12 @@ def verdict_lines(rep: Report) -> list[str]:
         out.append(f"  {r.fix:<15} {r.verdict:<12} {r.evidence.split(': ', 1)[1]}")
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
+    if not rep.stability_effects.empty:
+        from ablations import stability
+
+        lay = stability.layout(rep.runs, rep.factors, rep.stress)
+        out.append(f"stability: each fix's effect on log10 max stable {lay.axis} (95% CI over "
+                   f"seeds; see report for LR sensitivity and failure rates):")
+        out += stability.summary_lines(rep.stability_effects, lay)
     return out
 

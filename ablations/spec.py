@@ -9,6 +9,9 @@
       lr: [1e-4, 1e-3]              # search designs a range {low, high, log}
     seeds: 3                        # a count (0..n-1) or a list of seeds
     baseline: fixed                 # state of the fixes that are not factors: fixed | broken
+    stress:                         # optional: TrainConfig fields crossed with the design's
+      lr: [1e-3, 1e-2, 1e-1, 1]     # cells, the axis along which stability is measured
+      precision: [fp32, fp16]       # (see ablations/stability.py); not for search designs
     base: {epochs: 4}               # TrainConfig overrides for every run
     objective: {metric: final_val_f1, direction: maximize}
     budget: {trials: 20, minutes: 30}   # optional; trials is required for search designs
@@ -35,8 +38,8 @@ from model.config import ConfigError, HighLearningRateWarning, TrainConfig, coer
 
 DESIGNS = ("full_factorial", "one_at_a_time", "fractional_factorial", "search")
 SAMPLERS = ("tpe", "random")
-TOP_KEYS = ("name", "description", "design", "factors", "seeds", "baseline", "base", "objective",
-            "budget", "retries")
+TOP_KEYS = ("name", "description", "design", "factors", "stress", "seeds", "baseline", "base",
+            "objective", "budget", "retries")
 # Outcome metrics a study can optimise, their natural direction, and the value a run gets when
 # the metric could not be measured because training diverged (F1 of a model that outputs NaN:
 # it predicts no chorus frame, so 0; a loss or norm: +inf).
@@ -63,12 +66,14 @@ class Range:
 
 @dataclass(frozen=True)
 class Factor:
-    """A named fix (values False/True = off/on) or a TrainConfig field."""
+    """A named fix (values False/True = off/on) or a TrainConfig field; a `stress` factor is a
+    field crossed with the design (the axis along which stability is measured, not a fix)."""
 
     name: str
     kind: str  # "fix" | "field"
     values: tuple[Any, ...] = ()  # levels; empty for a range
     range: Optional[Range] = None
+    stress: bool = False
 
     def overrides(self, value: Any) -> dict[str, Any]:
         """TrainConfig fields this factor sets at `value`."""
@@ -99,6 +104,15 @@ class StudySpec:
     minutes: Optional[float] = None
     retries: int = 2
     source: str = ""
+
+    @property
+    def design_factors(self) -> tuple[Factor, ...]:
+        """The factors the design is built from (`factors:`); `factors` also holds the stress ones."""
+        return tuple(f for f in self.factors if not f.stress)
+
+    @property
+    def stress_factors(self) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if f.stress)
 
     def base_config_overrides(self) -> dict[str, Any]:
         """Fix states from the baseline, then the study's base overrides."""
@@ -237,6 +251,37 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
         if bad:
             raise err(f"factors.{bad[0]}", f"{design} needs two-level factors (a fix [off, on] or "
                                            f"a field with exactly two values [before, after])")
+    # stress factors: fields crossed with every cell of the design
+    stress_raw = raw.get("stress", {}) or {}
+    if not isinstance(stress_raw, dict):
+        raise err("stress", f"must be a mapping of TrainConfig field -> list of values, e.g. "
+                            f"{{lr: [1e-3, 1e-2, 1e-1], precision: [fp32, fp16]}}, got {stress_raw!r}")
+    if stress_raw and design == "search":
+        raise err("stress", "is crossed with a designed set of cells; a search design samples its "
+                            "cells, so put the field in factors (as a range or list) instead")
+    stress = []
+    for fname, spec_ in stress_raw.items():
+        key = f"stress.{fname}"
+        if fname in FIXES:
+            raise err(key, "is a fix; stress factors are TrainConfig fields (lr, precision, "
+                           "features, feature_scale, ...); put fixes under factors")
+        if isinstance(spec_, dict):
+            raise err(key, f"takes a list of values (a ladder), got {spec_!r}")
+        factor = _parse_factor(str(fname), spec_, key, err, "full_factorial")
+        factor = Factor(factor.name, "field", factor.values, None, stress=True)
+        if str(fname) in fields_set:
+            raise err(key, f"sets {fname}, which factor {fields_set[str(fname)]} already sets")
+        if str(fname) in coerced_base:
+            raise err(key, f"sets {fname}, which base also sets; remove one of them")
+        fields_set[str(fname)] = str(fname)
+        for value in factor.values:
+            try:
+                TrainConfig.from_overrides({**base_cfg_overrides, **coerced_base,
+                                            **factor.overrides(value)})
+            except ConfigError as e:
+                raise err(key, f"value {format_value(value)}: {str(e)}") from None
+        stress.append(factor)
+
     if design == "fractional_factorial":
         from ablations.designs import fractional_generators
 
@@ -297,7 +342,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
         raise err("retries", f"must be an integer >= 0, got {retries!r}")
 
     return StudySpec(name=name, description=description.strip(), design=design,
-                     factors=tuple(factors), seeds=seeds, baseline=baseline, base=coerced_base,
+                     factors=tuple(factors) + tuple(stress), seeds=seeds, baseline=baseline, base=coerced_base,
                      objective_metric=metric, direction=direction, fraction=fraction if
                      design == "fractional_factorial" else 0, sampler=sampler, trials=trials,
                      minutes=minutes, retries=retries, source=where)

@@ -76,6 +76,17 @@ class TrainConfig:
     hop_length: int = 512
     """Audio: hop of the mel spectrogram (samples). Its sample_rate / hop_length frames per second
     are averaged (in power) down to frame_rate before the log."""
+    features: Literal["db", "power"] = "db"
+    """Stress knob. `db`: log-mel features (the default, as every recipe expects). `power`: the mel
+    power spectrogram without the log, as a pipeline that forgets the log would feed it (real
+    songs: 10^(dB/10); synthetic songs, whose units are bels, 10^x). Its values span about eight
+    orders of magnitude, so without input_norm the first layer's activations and gradients do
+    too: a real cause of fp16 overflow (max 65504) and of steps far too large in fp32."""
+    feature_scale: float = 1.0
+    """Stress knob: every input feature is multiplied by this (after `features`). A real mistake
+    in practice: features in the wrong units (amplitude from int16 PCM is x32768, a dB/bel slip
+    x10). Large scales overflow fp16 in the first convolution and, without input_norm, push the
+    norm layers and the gradients to extremes (LayerNorm goes non-finite at 1e20)."""
 
     # ---- network ----------------------------------------------------------------------
     hidden_dim: int = 48
@@ -95,6 +106,14 @@ class TrainConfig:
     classifier_bias: tuple[float, float] = (0.0, 0.0)
     """Initial classifier bias as [verse, chorus]. The seed's broken init was verse-biased (0.02, 0.0)."""
 
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Stress knob: the arithmetic of forward and backward (torch.autocast; parameters and optimizer
+    state stay fp32). `fp16` overflows above 65504 and underflows below 6e-8: a real and common
+    cause of non-finite training; its gradients are scaled by torch.amp.GradScaler, whose skipped
+    steps (an overflow of the *scaled* gradients while the scale is > 1) are counted apart, as
+    `scaler_skips`, not as non-finite events. `bf16` has fp32's range and 8 bits of mantissa: it
+    rarely overflows, but rounds; it needs no scaler. Validation runs in the same precision."""
+
     # ---- optimisation -----------------------------------------------------------------
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     """Optimizer. `sgd` uses momentum 0.9."""
@@ -102,6 +121,18 @@ class TrainConfig:
     """Learning rate. Above 5e-4 a HighLearningRateWarning is emitted (the seed's warning)."""
     weight_decay: float = 1e-4
     """Weight decay (decoupled for adamw)."""
+    adam_eps: float = 1e-8
+    """Epsilon of adam/adamw (the update is m / (sqrt(v) + eps)). Stress knob of the update size:
+    where gradients' RMS falls below eps the update shrinks towards plain SGD scaled by lr/eps,
+    and Wortsman et al. 2023 (sec. 3.4) show eps changes LR sensitivity. Optimizer state stays
+    fp32 here, so it is not a NaN source by itself; with fp16 optimizer state (not used here) an
+    eps below fp16's smallest number (6e-8) rounds to 0 and a zero second moment divides by 0."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr over this many steps; 0 = none. The standard
+    stabiliser users reach for first: the first updates of Adam, with fresh moment estimates, are
+    the largest relative to the weights, the usual place for an early blow-up at high lr."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warmup: `constant`, or `cosine` / `linear` decay towards 0 at the last step."""
     epochs: int = 8
     """Epochs; validation runs after each."""
     steps_per_epoch: int = 40
@@ -151,6 +182,8 @@ class TrainConfig:
         positive_ints = ("n_songs", "frames", "n_features", "hidden_dim", "n_blocks",
                          "kernel_size", "epochs", "steps_per_epoch", "batch_size",
                          "rollback_every", "spike_window")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
@@ -160,7 +193,7 @@ class TrainConfig:
             raise ConfigError(f"n_songs: need at least 2 (one to train, one to validate), got {self.n_songs}")
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, open_=True)
         _check_range("dropout", self.dropout, 0.0, 1.0, open_hi=True)
-        for name in ("frame_rate", "lr"):
+        for name in ("frame_rate", "lr", "feature_scale", "adam_eps"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")

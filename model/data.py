@@ -15,7 +15,9 @@ log-mel-like bands. Chorus differs from the rest only through cues that need con
     zero, so a linear read-out of one frame cannot see it;
   * harmony: a chord progression per section type, random per song and repeated in every
     occurrence (a song-specific pattern: no single frame pattern means "chorus" across songs).
-Everything is deterministic from the data seed.
+Everything is deterministic from the data seed. Synthetic feature units are bels (one unit =
+10 dB: a song's bands span about 8 units, as log-mel bands of real music span about 80 dB), which
+is what the `power` stress knob undoes (TrainConfig.features).
 """
 
 from __future__ import annotations
@@ -242,24 +244,59 @@ def make_data(cfg: TrainConfig) -> SongData:
     share their data. Files that cannot be used raise harmonix.DataError (a ConfigError) naming
     the file; quirks that were handled are reported as harmonix.HarmonixWarning."""
     if cfg.data_source == "synthetic" and cfg.structures is None:
-        return _synthetic(cfg.n_songs, cfg.data_seed, cfg.n_features, cfg.frame_rate,
+        data = _synthetic(cfg.n_songs, cfg.data_seed, cfg.n_features, cfg.frame_rate,
                           cfg.val_fraction)
-    if cfg.data_source == "synthetic":
-        return _on_structures(cfg.structures, cfg.n_songs, cfg.data_seed, cfg.n_features,
+    elif cfg.data_source == "synthetic":
+        data = _on_structures(cfg.structures, cfg.n_songs, cfg.data_seed, cfg.n_features,
                               cfg.frame_rate, cfg.val_fraction, cfg.chorus_labels,
                               cfg.skip_bad_tracks)
-    if cfg.data_source == "harmonix":
+    elif cfg.data_source == "harmonix":
         params = harmonix.FeatureParams(cfg.frame_rate, cfg.n_features, cfg.sample_rate,
                                         cfg.n_fft, cfg.hop_length)
-        return _harmonix(cfg.data_dir, cfg.data_seed, cfg.val_fraction, cfg.chorus_labels,
+        data = _harmonix(cfg.data_dir, cfg.data_seed, cfg.val_fraction, cfg.chorus_labels,
                          cfg.skip_bad_tracks, cfg.cache_dir, params)
-    raise ValueError(f"data_source: unknown {cfg.data_source!r}")
+    else:
+        raise ValueError(f"data_source: unknown {cfg.data_source!r}")
+    if cfg.features == "db" and cfg.feature_scale == 1.0:
+        return data
+    # Synthetic features are in bels (one unit = 10 dB); audio features are in dB.
+    db_per_unit = 1.0 if cfg.data_source == "harmonix" else 10.0
+    return transform_features(data, cfg.features, cfg.feature_scale, db_per_unit)
+
+
+_TRANSFORMED: dict[tuple, tuple[SongData, SongData]] = {}
+
+
+def transform_features(data: SongData, features: str, scale: float,
+                       db_per_unit: float) -> SongData:
+    """The same songs with features as `power` (10^(dB/10), the log forgotten) and/or multiplied
+    by `scale`. float32, as a pipeline would hand them over: values past float32's range become
+    inf, as they would there. Cached per process (the source data is cached too)."""
+    key = (id(data), features, scale, db_per_unit)
+    hit = _TRANSFORMED.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+
+    def convert(x: np.ndarray) -> np.ndarray:
+        y = x.astype(np.float64)
+        if features == "power":
+            y = np.power(10.0, y * (db_per_unit / 10.0))
+        with np.errstate(over="ignore"):
+            return (y * scale).astype(np.float32)
+
+    def songs(ss: tuple[Song, ...]) -> tuple[Song, ...]:
+        return tuple(Song(s.song_id, convert(s.features), s.labels, s.sections) for s in ss)
+
+    out = SongData(songs(data.train), songs(data.val), data.n_features, data.frame_rate)
+    _TRANSFORMED[key] = (data, out)
+    return out
 
 
 def clear_cache() -> None:
     """Forget the per-process data cache (e.g. after the files under data_dir changed)."""
     for f in (_synthetic, _on_structures, _harmonix):
         f.cache_clear()
+    _TRANSFORMED.clear()
 
 
 # ------------------------------------------------------------------------------ batching

@@ -46,8 +46,10 @@ class FrameCounts:
         return self.tp + self.fp + self.fn + self.tn
 
     def f1(self) -> float:
-        denom = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denom if denom else 0.0
+        """Chorus F1; NaN where there is no chorus frame to find (F1 is undefined there)."""
+        if self.tp + self.fn == 0:
+            return float("nan")
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn)
 
     def chorus_pct(self) -> float:
         return 100.0 * (self.tp + self.fp) / self.frames if self.frames else float("nan")
@@ -70,6 +72,13 @@ def count_frames(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> t
     return torch.cat([counts, loss_sum.reshape(1)])
 
 
-def is_collapsed(chorus_pct: float) -> bool:
-    """Predicting (almost) one class everywhere. NaN (no valid frame or NaN logits) is not collapse."""
-    return not math.isnan(chorus_pct) and not (COLLAPSE_BELOW_PCT <= chorus_pct <= COLLAPSE_ABOVE_PCT)
+def is_collapsed(chorus_pct: float, true_chorus_pct: float = 50.0) -> bool:
+    """Predicting (almost) one class everywhere where the truth has both: chorus% below 1 % while
+    at least 1 % of the frames are chorus, or above 99 % while at most 99 % are. Predicting no
+    chorus on songs without chorus is right, not a collapse. NaN (no valid frame or NaN logits)
+    is not collapse."""
+    if math.isnan(chorus_pct):
+        return False
+    truth = 50.0 if math.isnan(true_chorus_pct) else true_chorus_pct
+    return ((chorus_pct < COLLAPSE_BELOW_PCT <= truth) or
+            (chorus_pct > COLLAPSE_ABOVE_PCT >= truth))

@@ -15,12 +15,15 @@ keeps the lead-up floats, the spike check and the dropout RNG state (all host-si
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
+import numpy as np
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -56,6 +59,7 @@ class TrainResult:
     events_val_outputs: int = 0
     recovered_events: int = 0  # ... of which the next `lead_up` steps were finite
     skipped_steps: int = 0  # updates skipped (non-finite, or a spike under spike_action=skip)
+    scaler_skips: int = 0  # fp16: steps the GradScaler skipped (scaled grads overflowed; not events)
     zeroed_steps: int = 0
     rollbacks: int = 0
     spikes: int = 0  # grad-norm spike warnings
@@ -67,6 +71,7 @@ class TrainResult:
     best_val_f1: float = float("nan")
     final_val_chorus_pct: float = float("nan")
     final_val_accuracy: float = float("nan")
+    init_loss: float = float("nan")  # training loss of step 1, before any update (LR sensitivity's l0)
     wall_time_s: float = 0.0
     steps_per_s: float = 0.0
     events: list[NonFiniteEvent] = field(default_factory=list)
@@ -85,23 +90,57 @@ def build_model(cfg: TrainConfig, n_features: int) -> ChorusCNN:
     return ChorusCNN.from_config(cfg)
 
 
+class NoChorusWarning(UserWarning):
+    """The validation split has no chorus frame: chorus F1 is undefined there."""
+
+
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
+def autocast(cfg: TrainConfig, device: str) -> Callable[[], ContextManager]:
+    """A factory of the run's autocast context (a no-op in fp32)."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+def grad_scaler(cfg: TrainConfig, device: str) -> Optional[torch.amp.GradScaler]:
+    """fp16 scales the loss so small gradients do not underflow (CUDA, and CPU in torch >= 2.3)."""
+    return torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Multiplier of cfg.lr at `step` (1-based): linear warmup, then the decay of lr_schedule."""
+    if step <= cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = (step - 1 - cfg.warmup_steps) / span  # 0 at the first step after warmup, < 1 at the last
+    if cfg.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @torch.no_grad()
-def evaluate(model: ChorusCNN, batches, device: str) -> FrameCounts:
+def evaluate(model: ChorusCNN, batches, device: str,
+             amp: Callable[[], ContextManager] = contextlib.nullcontext) -> FrameCounts:
     """Frame counts and summed loss over every validation frame; one device sync."""
     was_training = model.training
     model.eval()
     total = None
     for b in batches:
         b = b.to(device)
-        c = count_frames(model(b.x, b.mask), b.y, b.mask)
+        with amp():
+            logits = model(b.x, b.mask)
+        c = count_frames(logits.float(), b.y, b.mask)
         total = c if total is None else total + c
     model.train(was_training)
     tp, fp, fn, tn, loss_sum = total.tolist()
@@ -149,29 +188,65 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
     model = build_model(cfg, data.n_features).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
+    amp, scaler = autocast(cfg, device), grad_scaler(cfg, device)
     sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
     val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
     res = TrainResult(status="converged", steps=0, epochs=0)
+    val_chorus_pct = 100.0 * float(np.mean(np.concatenate([s.labels for s in data.val])))
+    if val_chorus_pct == 0.0:
+        warnings.warn(f"the validation split ({len(data.val)} song(s)) has no chorus frame: chorus "
+                      f"F1 is undefined (reported as NaN), and predicting no chorus there is not "
+                      f"a collapse", NoChorusWarning, stacklevel=2)
     mon = Monitor(cfg.lead_up, cfg.spike_factor, cfg.spike_window, log)
     keep_rng = cfg.forensics and uses_rng(model)  # a replay needs the step's dropout masks
     snapshot = Snapshot() if cfg.nonfinite == "rollback" else None
     if snapshot is not None:
         snapshot.take(0, model, opt)
     last_update: tuple[int, Optional[Batch]] = (0, None)  # step and batch of the latest update
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
+    lr_mult = 1.0  # halved by each rollback
     max_gn = -math.inf
     stopped = False
     step = 0
+
+    def event(kind: str, action: str, epoch: int, loss_v: float, gn_v: float,
+              locate: Callable[[], Optional[Forensics]]) -> None:
+        """Record a non-finite event (forensics first, while the state is the failing one)."""
+        found = locate() if cfg.forensics else None
+        _record(res, mon, NonFiniteEvent(step, epoch, kind, action, loss_v, gn_v,
+                                         opt.param_groups[0]["lr"]), found)
+        mon.emit(step)
+
+    def locate_bad_params() -> Optional[Forensics]:
+        return locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp)
+
+    def finish_update(bypass_scaler: bool = False) -> None:
+        """Step the optimizer (through the scaler unless the grads were sanitised by hand)."""
+        if scaler is None or bypass_scaler:
+            opt.step()
+        else:
+            scaler.step(opt)
+        if scaler is not None:
+            scaler.update()
+
     t_loop = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         for _ in range(cfg.steps_per_epoch):
             step += 1
+            if scheduled:
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * lr_mult * lr_factor(cfg, step, total_steps)
             b = sampler.next().to(device)
             rng = rng_state(device) if keep_rng else None
-            logits = model(b.x, b.mask)  # [B, T, 2]
-            loss = masked_cross_entropy(logits, b.y, b.mask)
+            with amp():
+                logits = model(b.x, b.mask)  # [B, T, 2]
+                loss = masked_cross_entropy(logits, b.y, b.mask)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip, log and check the true gradients
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = get_total_norm(grads)  # pre-clip, computed even when clipping is off
             with torch.no_grad():
@@ -179,13 +254,24 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
                 chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
             # The one device sync of the step: these values are logged anyway.
             loss_v, gn_v, pct_v = torch.stack(
-                [loss.detach(), grad_norm, chorus_pct.to(loss.dtype)]).tolist()
+                [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
             lr = opt.param_groups[0]["lr"]
             log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
                  "train/chorus_pct": pct_v}, step)
             res.final_train_loss, res.final_grad_norm = loss_v, gn_v
+            if step == 1:
+                res.init_loss = loss_v
             mon.step(step, loss_v, gn_v, lr)
 
+            if (scaler is not None and math.isfinite(loss_v) and not math.isfinite(gn_v)
+                    and scaler.get_scale() > 1.0):
+                # The *scaled* gradients overflowed: GradScaler skips the step and halves its
+                # scale. That is its normal working, not a non-finite event. At a scale <= 1 the
+                # gradients overflow unscaled: that is real and goes to the policy below.
+                res.scaler_skips += 1
+                finish_update()
+                log({"nonfinite/scaler_skips": float(res.scaler_skips)}, step)
+                continue
             if math.isfinite(loss_v) and math.isfinite(gn_v):
                 max_gn = max(max_gn, gn_v)
                 if mon.is_spike(gn_v):
@@ -195,38 +281,46 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
                                                      loss_v, gn_v, lr), None)
                     mon.emit(step)
                     if skip:
+                        if scaler is not None:
+                            scaler.update()
                         continue
                 if snapshot is not None and step % cfg.rollback_every == 0 and params_finite(params):
                     snapshot.take(step, model, opt)  # the pre-update state of a finite step
                 if cfg.grad_clip is not None:
                     clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+                finish_update()
             else:
                 params_ok = params_finite(params)
                 kind = ("params" if not params_ok else
                         "loss" if not math.isfinite(loss_v) else "grad_norm")
-                found = None
-                if cfg.forensics:  # before any policy acts: parameters are still pre-step
-                    found = (replay(model, b, masked_cross_entropy, rng, device, cfg.anomaly_mode)
-                             if params_ok else
-                             locate_params(model, opt, last_update[1], last_update[0],
-                                           cfg.param_clamp))
                 action = _action(cfg, params_ok, res)
-                _record(res, mon, NonFiniteEvent(step, epoch, kind, action, loss_v, gn_v, lr), found)
-                mon.emit(step)
+
+                def locate() -> Optional[Forensics]:  # parameters are still pre-step here
+                    if not params_ok:
+                        return locate_bad_params()
+                    with amp():
+                        return replay(model, b, masked_cross_entropy, rng, device,
+                                      cfg.anomaly_mode)
+
+                event(kind, action, epoch, loss_v, gn_v, locate)
                 if action == "stopped":
                     stopped = True
                     break
-                if action == "rolled_back":
-                    snapshot.restore(model, opt)
-                if action != "zeroed":
+                if action == "zeroed":
+                    # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
+                    for g in grads:
+                        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+                    res.zeroed_steps += 1
+                    if cfg.grad_clip is not None:
+                        clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
+                    finish_update(bypass_scaler=True)
+                else:
+                    if action == "rolled_back":
+                        snapshot.restore(model, opt)
+                        lr_mult *= 0.5
+                    if scaler is not None:
+                        scaler.update()
                     continue
-                # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
-                for g in grads:
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                res.zeroed_steps += 1
-                if cfg.grad_clip is not None:
-                    clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
-            opt.step()
             if cfg.param_clamp is not None:
                 with torch.no_grad():
                     torch._foreach_clamp_min_(params, -cfg.param_clamp)
@@ -236,30 +330,32 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
         if stopped:
             break
         res.epochs = epoch
-        counts = evaluate(model, val_batches, device)
+        counts = evaluate(model, val_batches, device, amp)
         rolled = False
         while not math.isfinite(counts.loss()):
             # Parameters may be finite yet so large that the outputs are not (seen with skip/zero
             # at huge lr): the model is dead whatever the policy, unless it can be rolled back.
             params_ok = params_finite(params)
-            found = None
-            if cfg.forensics:
-                found = (locate_eval(model, val_batches, device) if params_ok else
-                         locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp))
+
+            def locate_val() -> Optional[Forensics]:
+                if not params_ok:
+                    return locate_bad_params()
+                with amp():
+                    return locate_eval(model, val_batches, device)
+
             # A rollback is tried once: if the restored state fails validation too, it is stopped.
             action = ("rolled_back" if not rolled and _action(cfg, True, res) == "rolled_back"
                       else "stopped")
-            _record(res, mon, NonFiniteEvent(step, epoch, "val_outputs" if params_ok else "params",
-                                             action, counts.loss(), res.final_grad_norm,
-                                             opt.param_groups[0]["lr"]), found)
-            mon.emit(step)
+            event("val_outputs" if params_ok else "params", action, epoch, counts.loss(),
+                  res.final_grad_norm, locate_val)
             if action == "stopped":
                 log({"val/loss": counts.loss()}, step)
                 stopped = True
                 break
             snapshot.restore(model, opt)
+            lr_mult *= 0.5
             rolled = True
-            counts = evaluate(model, val_batches, device)
+            counts = evaluate(model, val_batches, device, amp)
         if stopped:
             break
         f1 = counts.f1() if math.isfinite(counts.loss()) else float("nan")
@@ -272,12 +368,8 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
 
     if not stopped and not params_finite(params):  # e.g. a parameter no output depends on
         stopped = True
-        found = (locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp)
-                 if cfg.forensics else None)
-        _record(res, mon, NonFiniteEvent(step, res.epochs, "params", "stopped",
-                                         res.final_train_loss, res.final_grad_norm,
-                                         opt.param_groups[0]["lr"]), found)
-        mon.emit(step)
+        event("params", "stopped", res.epochs, res.final_train_loss, res.final_grad_norm,
+              locate_bad_params)
     mon.close(stopped)
     res.recovered_events = sum(e.recovered is True for e in res.events if e.kind != "grad_spike")
     if stopped:
@@ -285,7 +377,7 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
         # A diverged model has no meaningful validation score: say so with NaN, not 0.
         res.final_val_loss = res.final_val_f1 = float("nan")
         res.final_val_chorus_pct = res.final_val_accuracy = float("nan")
-    elif is_collapsed(res.final_val_chorus_pct):
+    elif is_collapsed(res.final_val_chorus_pct, val_chorus_pct):
         res.status = "collapsed"
     elif res.nonfinite_events:
         res.status = "recovered"

@@ -101,10 +101,26 @@ def test_frame_counts_hand_example():
 
 
 def test_frame_counts_empty():
-    """No frames: F1 0, chorus%/accuracy/loss NaN."""
+    """No frames: F1 (nothing to find), chorus%/accuracy/loss all NaN."""
     c = FrameCounts()
-    assert c.f1() == 0.0
+    assert math.isnan(c.f1())
     assert math.isnan(c.chorus_pct()) and math.isnan(c.accuracy()) and math.isnan(c.loss())
+
+
+def test_f1_undefined_without_chorus_frames():
+    """No true chorus frame: F1 is undefined (NaN), whatever was predicted; one chorus frame
+    missed makes it 0 again."""
+    assert math.isnan(FrameCounts(tp=0, fp=0, fn=0, tn=10).f1())
+    assert math.isnan(FrameCounts(tp=0, fp=3, fn=0, tn=7).f1())
+    assert FrameCounts(tp=0, fp=0, fn=1, tn=9).f1() == 0.0
+
+
+@pytest.mark.parametrize("pred, truth, collapsed", [(0.0, 0.0, False), (0.0, 0.5, False),
+                                                    (0.0, 35.0, True), (100.0, 100.0, False),
+                                                    (100.0, 35.0, True), (0.5, 35.0, True)])
+def test_is_collapsed_only_where_the_truth_has_both_classes(pred, truth, collapsed):
+    """Predicting no chorus on songs without chorus is right, not a collapse."""
+    assert is_collapsed(pred, truth) is collapsed
 
 
 def test_count_frames_matches_hand_counts():

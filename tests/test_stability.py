@@ -1,0 +1,195 @@
+"""Stability outcomes on hand-made tables with known answers, and stress factors in study files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablations import stability
+from ablations.spec import SpecError, parse_spec
+from ablations.stability import layout, lr_sensitivity, max_stable
+
+INF, NAN = math.inf, math.nan
+
+
+# ------------------------------------------------------------------------ LR sensitivity
+def test_lr_sensitivity_by_hand():
+    """mean(min(l, l0) - l*): losses 0.3, 0.5, 0.9 (capped at l0 = 0.7) -> (0 + 0.2 + 0.4) / 3."""
+    assert lr_sensitivity([0.3, 0.5, 0.9], 0.7) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_lr_sensitivity_counts_nonfinite_as_init_loss(bad):
+    """A diverged rung (NaN, +inf, -inf) counts as l0: 0.3, 0.5, l0=0.7 -> (0 + 0.2 + 0.4) / 3."""
+    assert lr_sensitivity([0.3, 0.5, bad], 0.7) == pytest.approx(0.2)
+
+
+def test_lr_sensitivity_single_rung_is_zero():
+    assert lr_sensitivity([0.4], 0.7) == 0.0
+
+
+def test_lr_sensitivity_all_rungs_failing_is_undefined():
+    """Never below l0: the formula would say 0 (least sensitive); we say undefined."""
+    assert math.isnan(lr_sensitivity([NAN, INF, NAN], 0.7))
+    assert math.isnan(lr_sensitivity([0.9, 1.5], 0.7))
+    assert math.isnan(lr_sensitivity([], 0.7))
+
+
+def test_lr_sensitivity_nonfinite_init_loss_falls_back_to_ln2():
+    assert lr_sensitivity([0.3, NAN], NAN) == pytest.approx((0 + math.log(2) - 0.3) / 2)
+
+
+def test_max_stable():
+    assert max_stable([1e-3, 1e-2, 1e-1, 1.0], [True, True, False, False]) == 1e-2
+    # not monotone (a low rung that collapsed): the largest stable rung counts
+    assert max_stable([1e-3, 1e-2, 1e-1], [False, True, False]) == 1e-2
+    assert max_stable([1e-3], [True]) == 1e-3
+    assert math.isnan(max_stable([1e-3, 1e-2], [False, False]))
+
+
+# ------------------------------------------------------------------------ tables
+def _runs(edges: dict[tuple[str, bool], list[float]], ladder=(1e-3, 1e-2, 1e-1, 1.0)) -> pd.DataFrame:
+    """A factorial-style table: fix `clip` off/on in regime precision fp32/fp16; per (regime,
+    clip) the rung per seed above which runs diverge."""
+    rows = []
+    for (prec, on), per_seed_edge in edges.items():
+        for seed, edge in enumerate(per_seed_edge):
+            for lr in ladder:
+                ok = lr <= edge
+                rows.append({"cell": f"clip={'on' if on else 'off'} lr={lr:g} precision={prec}",
+                             "seed": seed, "clip": on, "lr": lr, "precision": prec, "roles": "",
+                             "status": "converged" if ok else "diverged",
+                             "final_val_loss": 0.4 + lr if ok else NAN, "init_loss": 0.7,
+                             "nonfinite_events": 0 if ok else 1,
+                             "first_nonfinite_step": NAN if ok else 3.0,
+                             "first_nonfinite_where": "" if ok else "stem.conv:forward"})
+    return pd.DataFrame(rows)
+
+
+def test_per_seed_and_recipe_tables_by_hand():
+    runs = _runs({("fp32", False): [1e-2, 1e-2, 1e-1], ("fp32", True): [1e-1, 1.0, 1e-1],
+                  ("fp16", False): [1e-1, 1e-1, 1e-1], ("fp16", True): [0.0, 0.0, 0.0]})
+    lay = layout(runs, ["clip", "lr", "precision"], ["lr", "precision"])
+    assert lay.axis == "lr" and lay.regime == ("precision",) and lay.design == ("clip",)
+    table = stability.recipe_table(runs, lay).set_index(["recipe", "regime"])
+    assert table.loc[("clip=off", "precision=fp32"), "max_stable_lr"] == 1e-2  # every seed
+    assert table.loc[("clip=on", "precision=fp32"), "max_stable_lr"] == 1e-1
+    assert math.isnan(table.loc[("clip=on", "precision=fp16"), "max_stable_lr"])
+    assert table.loc[("clip=on", "precision=fp16"), "failed"] == "12/12"
+    rates = stability.rung_rates(runs, lay)
+    r = rates[(rates.recipe == "clip=off") & (rates.regime == "precision=fp32") & (rates.lr == 1e-1)]
+    assert r.diverged.item() == 2 and r.runs.item() == 3
+
+    eff = stability.fix_effects(runs, lay)
+    ms = eff[(eff.outcome == "max_stable_log10")].set_index("regime")
+    # fp32: per seed log10 edges off (-2, -2, -1) -> on (-1, 0, -1): differences 1, 2, 0
+    assert ms.loc["precision=fp32", "effect"] == pytest.approx(1.0)
+    assert ms.loc["precision=fp32", "n"] == 3
+    assert ms.loc["precision=fp32", "low"] < 0 < ms.loc["precision=fp32", "high"]
+    # fp32 CI: mean 1, t(2) interval of (1, 2, 0) widened by one rung (1 in log10)
+    assert ms.loc["precision=fp32", "high"] == pytest.approx(1 + 4.303 * 1 / 3 ** 0.5 + 1, abs=1e-3)
+    # fp16: on is stable nowhere -> counted one rung below the ladder (1e-4): -1 -> -4 each;
+    # the seeds agree, yet the interval keeps one rung either side
+    assert ms.loc["precision=fp16", "effect"] == pytest.approx(-3.0)
+    assert (ms.loc["precision=fp16", "low"], ms.loc["precision=fp16", "high"]) == (-4.0, -2.0)
+    # failure rate 12/12 on vs 3/12 off: Newcombe's interval excludes 0; in fp32 it does not
+    hurt = stability.hurts(eff)
+    assert set(hurt.regime) == {"precision=fp16"}
+    fr = eff[(eff.outcome == "fail_rate")].set_index("regime")
+    assert fr.loc["precision=fp16", "effect"] == pytest.approx(0.75)
+    assert fr.loc["precision=fp16", "low"] > 0
+
+
+def test_rate_interval_is_honest_at_zero_of_n():
+    """0/12 vs 0/12: no failure in either arm, and still an interval of about +-0.24."""
+    lo, hi = stability.rate_diff_interval(0, 12, 0, 12)
+    assert lo < -0.2 and hi > 0.2 and lo == pytest.approx(-hi)
+
+    places = stability.first_nonfinite(runs, lay)
+    assert "stem.conv:forward" in places.iloc[0]["where"]
+
+
+def test_one_at_a_time_roles_give_add_and_drop_contrasts():
+    rows = []
+    for role, edge in {"broken": 1e-3, "add:bias_init": 1e-2, "fixed": 1.0,
+                       "drop:bias_init": 1e-1}.items():
+        for seed in range(2):
+            for lr in (1e-3, 1e-2, 1e-1, 1.0):
+                ok = lr <= edge
+                rows.append({"cell": f"x lr={lr:g}", "seed": seed, "lr": lr, "roles": role,
+                             "bias_init": role in ("fixed", "add:bias_init"),
+                             "status": "converged" if ok else "collapsed",
+                             "final_val_loss": 0.5 if ok else 0.69, "init_loss": 0.7,
+                             "nonfinite_events": 0})
+    runs = pd.DataFrame(rows)
+    lay = layout(runs, ["bias_init", "lr"], ["lr"])
+    eff = stability.fix_effects(runs, lay)
+    ms = eff[eff.outcome == "max_stable_log10"].set_index("contrast")["effect"]
+    assert ms["added to broken"] == pytest.approx(1.0)
+    assert ms["dropped from fixed"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------ stress in specs
+BASE = {"name": "s", "design": "one_at_a_time", "factors": {"bias_init": ["off", "on"],
+                                                           "layer_norm": ["off", "on"]},
+        "seeds": 2}
+
+
+def test_stress_factors_are_crossed_with_every_cell():
+    from ablations import designs
+
+    spec = parse_spec({**BASE, "stress": {"lr": ["1e-3", 1e-2, 0.1], "precision": ["fp32", "fp16"]}})
+    assert [f.name for f in spec.design_factors] == ["bias_init", "layer_norm"]
+    assert [f.name for f in spec.stress_factors] == ["lr", "precision"]
+    assert spec.stress_factors[0].values == (1e-3, 1e-2, 0.1)  # YAML's "1e-3" string coerced
+    cells = designs.cells(spec)
+    n_design = len(designs.one_at_a_time(spec.design_factors))
+    assert len(cells) == n_design * 3 * 2
+    assert all(c.roles for c in cells)  # one-at-a-time roles survive the crossing
+    cfgs = {(r.config.lr, r.config.precision) for r in designs.runs(spec)}
+    assert len(cfgs) == 6
+
+
+@pytest.mark.parametrize("stress, message", [
+    ({"lr": [1e-3, "fast"]}, "stress.lr: must be a number, got 'fast'"),
+    ({"precision": ["fp32", "fp8"]}, "stress.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
+    ({"lr": [1e-3]}, "stress.lr: takes a list of at least two values"),
+    ({"lr": {"low": 1e-3, "high": 1}}, "stress.lr: takes a list of values (a ladder)"),
+    ({"bias_init": ["off", "on"]}, "stress.bias_init: is a fix"),
+    ({"norm": ["layer", "batch"]}, "stress.norm: sets norm, which factor layer_norm already sets"),
+    ({"feature_scale": [1, -1]}, "stress.feature_scale: value -1: feature_scale: must be a finite number > 0"),
+    ({"warp": [1, 2]}, "stress.warp: not a fix or TrainConfig field"),
+    ([1, 2], "stress: must be a mapping"),
+])
+def test_stress_factors_validated_like_factors(stress, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**BASE, "stress": stress}, "x.yaml")
+    assert message in str(e.value) and str(e.value).startswith("x.yaml: ")
+
+
+def test_stress_conflicts_with_base_and_search():
+    with pytest.raises(SpecError, match="stress.lr: sets lr, which base also sets"):
+        parse_spec({**BASE, "base": {"lr": 1e-3}, "stress": {"lr": [1e-3, 1e-2]}}, "x.yaml")
+    with pytest.raises(SpecError, match="stress: is crossed with a designed set of cells"):
+        parse_spec({**BASE, "design": {"type": "search"}, "budget": {"trials": 2},
+                    "stress": {"lr": [1e-3, 1e-2]}}, "x.yaml")
+
+
+def test_shipped_stress_studies_parse():
+    from pathlib import Path
+
+    from ablations import designs
+    from ablations.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1] / "studies"
+    for name in ("stability_frontier.yaml", "seed_symptom.yaml"):
+        spec = load_spec(root / name)
+        assert spec.stress_factors
+        lrs = [v for f in spec.stress_factors if f.name == "lr" for v in f.values]
+        if name == "stability_frontier.yaml":
+            assert max(lrs) / min(lrs) >= 1e4  # at least four orders of magnitude
+            assert len(spec.seeds) == 3
+        assert designs.runs(spec)
