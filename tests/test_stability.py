@@ -102,14 +102,14 @@ def test_per_seed_and_recipe_tables_by_hand():
     assert fr.loc["precision=fp16", "effect"] == pytest.approx(0.75)
     assert fr.loc["precision=fp16", "low"] > 0
 
+    places = stability.first_nonfinite(runs, lay)
+    assert "stem.conv:forward" in places.iloc[0]["where"]
+
 
 def test_rate_interval_is_honest_at_zero_of_n():
     """0/12 vs 0/12: no failure in either arm, and still an interval of about +-0.24."""
     lo, hi = stability.rate_diff_interval(0, 12, 0, 12)
     assert lo < -0.2 and hi > 0.2 and lo == pytest.approx(-hi)
-
-    places = stability.first_nonfinite(runs, lay)
-    assert "stem.conv:forward" in places.iloc[0]["where"]
 
 
 def test_one_at_a_time_roles_give_add_and_drop_contrasts():
