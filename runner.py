@@ -54,7 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     changed = {k: v for k, v in cfg.to_dict().items() if v != TrainConfig().to_dict()[k]}
     print(f"training: {'fixed recipe' if not changed else changed}")
 
+    last: dict[str, float] = {}
+
     def log(metrics: dict[str, float], step: int) -> None:
+        if "train/loss" in metrics:
+            last.update(metrics, step=step)
         if "val/loss" in metrics:
             epoch = step // cfg.steps_per_epoch
             print(f"epoch {epoch:>3}/{cfg.epochs}  step {step:>5}  "
@@ -73,8 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"status {res.status}  final val/chorus_f1 {_fmt(res.final_val_f1)}  "
           f"best {_fmt(res.best_val_f1)}  val/chorus_pct {_fmt(res.final_val_chorus_pct, 2)}  "
           f"max grad_norm {_fmt(res.max_grad_norm)}  non-finite events {res.nonfinite_events} "
-          f"(first at step {first}, skipped {res.skipped_steps}, zeroed {res.zeroed_steps})  "
-          f"{res.steps} steps in {res.wall_time_s:.1f} s ({res.steps_per_s:.1f} steps/s)")
+          f"(first at step {first}, skipped {res.skipped_steps}, zeroed {res.zeroed_steps})"
+          + (f"  fp16 scaler skips {res.scaler_skips}" if res.scaler_skips else "")
+          + f"  {res.steps} steps in {res.wall_time_s:.1f} s ({res.steps_per_s:.1f} steps/s)")
+    if last:  # the seed's own log format, for comparing with its `loss=nan, grad_norm=nan, chorus%=0.00`
+        print(f"last step {int(last['step'])}: loss={last['train/loss']:.4f}, "
+              f"grad_norm={last['train/grad_norm']:.4f}, chorus%={last['train/chorus_pct']:.2f}")
     return 0
 
 

@@ -229,10 +229,11 @@ OUTCOMES = {
 
 
 def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """t interval of the mean of d; a point where all values agree; NaN for fewer than 2."""
+    """t interval of the mean of d; a point where all values agree; NaN for fewer than 2 (one
+    pair says nothing about the spread)."""
     d = np.asarray(d, dtype=float)
     if len(d) < 2:
-        return (float(d[0]), float(d[0])) if len(d) == 1 else (math.nan, math.nan)
+        return math.nan, math.nan
     m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
     if se == 0:
         return m, m

@@ -96,3 +96,27 @@ seeds: 2
 def stores(tmp_path, monkeypatch, mlflow_template) -> Stores:  # noqa: F811
     monkeypatch.chdir(tmp_path)
     return Stores(tmp_path, mlflow_template)
+
+
+@pytest.mark.slow
+def test_stability_notebook_executes(stress_study, monkeypatch):
+    """notebooks/stability.ipynb runs top to bottom against a real stress study (no outputs
+    committed)."""
+    from pathlib import Path
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    st, spec, *_ = stress_study
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "stability.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    monkeypatch.setenv("CHORUS_STUDY", spec.name)
+    monkeypatch.setenv("CHORUS_TRACKING_URI", st.tracking)
+    monkeypatch.setenv("CHORUS_STUDY_FILE", "")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(st.dir)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "axis: lr" in text
