@@ -443,6 +443,10 @@ def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path) -> Opt
 
 def verdict_lines(rep: Report) -> list[str]:
     """The verdicts as short lines for the terminal."""
+    if rep.design == "search":
+        top = ", ".join(f"{r.factor} {r.importance:.2f}" for r in rep.importance.itertuples())
+        return ["  search design: no verdicts (the sampler chose the cells); fANOVA importance: "
+                + (top or "n/a")]
     out = []
     for r in rep.verdicts.itertuples():
         out.append(f"  {r.fix:<15} {r.verdict:<12} {r.evidence.split(': ', 1)[1]}")
