@@ -4,6 +4,7 @@
     python runner.py run studies/quick.yaml [--workers N] [--storage URL] [--tracking-uri URI]
     python runner.py worker studies/quick.yaml --storage postgresql://... --tracking-uri http://...
     python runner.py status studies/quick.yaml
+    python runner.py plan studies/quick.yaml [--target-effect 0.02]
     python runner.py report studies/quick.yaml
     python runner.py fixes
     python runner.py train [--set key=value ...]
@@ -121,6 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _sigterm_is_ctrl_c()
     if args.workers < 0:
         raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
+    from ablations.power import preamble
+
+    print("\n".join(preamble(spec, args.tracking_uri)), flush=True)
     try:
         res = launch(spec, args.storage, args.tracking_uri, args.workers,
                      device=_device(args.device, several=True))
@@ -180,6 +184,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
     ok = _report(spec, args.study, args.tracking_uri, Path(args.out or f"reports/{spec.name}"))
     return 0 if ok else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ablations.power import plan
+
+    spec = _load_spec(args.study)
+    for name in ("target_effect", "sd"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise _BadInput(f"--{name.replace('_', '-')} {v:g}: must be a positive number")
+    print("\n".join(plan(spec, args.tracking_uri, args.target_effect, args.sd)))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -311,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study")
     s.add_argument("--storage", default=DEFAULT_STORAGE)
     s.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", help="design, estimated wall time and power of a study, before "
+                                     "running it (trains nothing)")
+    pl.add_argument("study")
+    pl.add_argument("--tracking-uri", default=DEFAULT_TRACKING,
+                    help=f"tracking store with earlier runs (default {DEFAULT_TRACKING}); read only")
+    pl.add_argument("--target-effect", type=float, default=None, metavar="F1",
+                    help="print the seeds needed to detect this F1 effect at 80%% power")
+    pl.add_argument("--sd", type=float, default=None,
+                    help="F1 sd between seeds to assume (default: from earlier runs of the same "
+                         "recipes in the store, else 0.03)")
+    pl.set_defaults(func=cmd_plan)
 
     w = sub.add_parser("worker", help="join a running study (from any machine) until no run is left")
     w.add_argument("study")

@@ -27,14 +27,17 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from ablations import rates
 from ablations.fixes import FIXES
+from ablations.verdicts import Estimate as Estimate_
+from ablations.verdicts import judge
 
 OUTCOMES = {
     # name: (column, better, description)
@@ -64,11 +67,16 @@ def _experiment_id(client: MlflowClient, study: str) -> str:
     return exp.experiment_id
 
 
+def experiment_tags(study: str, tracking_uri: Optional[str] = None) -> dict[str, str]:
+    """The study experiment's tags: `study.design`, and `mlflow.note.content` (the description,
+    which carries a fraction's generators); {} if there is no such experiment."""
+    exp = _client(tracking_uri).get_experiment_by_name(study)
+    return dict(exp.tags) if exp is not None else {}
+
+
 def study_stress(study: str, tracking_uri: Optional[str] = None) -> list[str]:
     """The study's stress factors (the experiment tag `study.stress` written at launch)."""
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(study)
-    tag = exp.tags.get("study.stress", "") if exp is not None else ""
+    tag = experiment_tags(study, tracking_uri).get("study.stress", "")
     return [s for s in tag.split(",") if s]
 
 
@@ -402,49 +410,54 @@ def ablation_path(runs: pd.DataFrame, factors: list[str],
 
 
 # ------------------------------------------------------------------------------ verdicts
-NEGLIGIBLE_F1 = 0.01  # an F1 change below one point is "no practical effect"
+INSTABILITY = {"diverged": "divergence rate", "collapsed": "collapse rate"}
 
 
-def verdicts(effects: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Supported / refuted / inconclusive for each seed claim whose fix is a factor.
+def instability_estimates(runs: pd.DataFrame, factors: list[str], fix: str,
+                          regimes: Sequence[str] = ()) -> list[Estimate_]:
+    """The claim's evidence: divergence and collapse rate, fix on minus off, with Newcombe score
+    intervals (paired where the design pairs runs). With `regimes` (stress factors such as
+    precision), one estimate per regime: a fix can help in fp16 and hurt in fp32."""
+    out = []
+    groups = runs.groupby(list(regimes), sort=False) if regimes else [((), runs)]
+    for key, sub in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        where = (" (" + ", ".join(f"{r}={v}" for r, v in zip(regimes, key)) + ")") if regimes else ""
+        for col, label in INSTABILITY.items():
+            rd = rates.rate_difference(sub, fix, col, [g for g in factors if g != fix])
+            out.append(Estimate_(label + where, rd.diff, rd.low, rd.high, rd.p, "lower",
+                                 (rd.events_on, rd.n_on, rd.events_off, rd.n_off), rd.method))
+    return out
 
-    The seed claims each fix stabilises training. A claim is *supported* when turning the fix on
-    lowers the divergence or collapse rate, or raises final F1, with a 95 % CI excluding zero;
-    *refuted* when no instability is removed (divergence and collapse rates do not fall: CIs
-    include no reduction) and F1 does not rise by more than a point (CI upper bound < 0.01),
-    or when the fix makes things worse; *inconclusive* otherwise.
+
+def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
+             extra: Optional[dict[str, list[Estimate_]]] = None,
+             regimes: Sequence[str] = ()) -> pd.DataFrame:
+    """Supported / refuted / inconclusive / untested for each seed claim whose fix is a factor.
+
+    Every claim of the seed is about instability (`loss=nan`, `chorus%=0`), so it is judged on
+    the divergence and collapse rates (plus `extra` estimates per fix, e.g. stability outcomes),
+    by the rule in `ablations.verdicts.RULE` (Holm across all claims judged here). The F1 effect
+    is shown next to it as context, not as evidence for the claim.
     """
-    rows = []
-    columns = ["fix", "critical", "claim", "verdict", "evidence"]
+    columns = ["fix", "critical", "claim", "verdict", "evidence", "reason"]
     if effects.empty:
         return pd.DataFrame(columns=columns)
-    for name, fix in FIXES.items():
-        e = effects[(effects.factor == name) & (effects.contrast == "on vs off")]
-        if e.empty:
-            continue
-        get = {r.outcome: r for r in e.itertuples()}
-        div, col, f1 = get.get("diverged"), get.get("collapsed"), get.get("final_val_f1")
-        n_off = int((runs[name] == False).sum())  # noqa: E712  (column of bools)
-        n_on = int((runs[name] == True).sum())  # noqa: E712
-        div_off = int(runs.loc[runs[name] == False, "diverged"].sum())  # noqa: E712
-        div_on = int(runs.loc[runs[name] == True, "diverged"].sum())  # noqa: E712
-        helps = [(o.outcome, o) for o in (div, col) if o is not None and o.high < 0]
-        if f1 is not None and f1.low > 0:
-            helps.append(("final_val_f1", f1))
-        hurts = ((f1 is not None and f1.high < 0) or
-                 any(o is not None and o.low > 0 for o in (div, col)))
-        no_stability_gain = all(o is None or o.low >= 0 for o in (div, col))
-        if helps and not hurts:
-            verdict = "supported"
-        elif hurts or (no_stability_gain and f1 is not None and f1.high < NEGLIGIBLE_F1):
-            verdict = "refuted"
-        else:
-            verdict = "inconclusive"
-        sentence = (f"{name} on vs off: divergence {div_on}/{n_on} vs {div_off}/{n_off} runs "
-                    f"(rate change {_ci(div)}); collapse rate change {_ci(col)}; "
-                    f"final F1 change {_ci(f1, 3)}.")
-        rows.append({"fix": name, "critical": fix.critical, "claim": fix.claim,
-                     "verdict": verdict, "evidence": sentence})
+    factors = [f for f in factor_names(runs) if f in runs]
+    fixes = [n for n in FIXES if n in set(effects.factor) and
+             not effects[(effects.factor == n) & (effects.contrast == "on vs off")].empty]
+    claims = {n: instability_estimates(runs, factors, n, regimes) + list((extra or {}).get(n, []))
+              for n in fixes}
+    judged = judge(claims)
+    rows = []
+    for name in fixes:
+        f1 = effects[(effects.factor == name) & (effects.outcome == "final_val_f1")]
+        f1 = next(f1.itertuples(), None)
+        v = judged[name]
+        ev = "; ".join(e.describe() for e in claims[name])
+        sentence = f"{name} on vs off: {ev}; final F1 change {_ci(f1, 3)} (context)."
+        rows.append({"fix": name, "critical": FIXES[name].critical, "claim": FIXES[name].claim,
+                     "verdict": v.verdict, "evidence": sentence, "reason": v.reason})
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -413,7 +413,8 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
     value = statistics.fmean(values)
     status = max(set(statuses), key=statuses.count) if len(set(statuses)) == 1 else "mixed"
     outcome = {"status": status, "statuses": ",".join(statuses), "objective": value,
-               "wall_time_s": wall, "diverged_runs": statuses.count("diverged")}
+               "seed_values": values, "wall_time_s": wall,
+               "diverged_runs": statuses.count("diverged")}
     for k, v in outcome.items():
         trial.set_user_attr(k, v)
     study.tell(trial, value)
@@ -831,9 +832,11 @@ def summarize(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
         c = cells.setdefault(t.user_attrs.get("cell", "?"), {"cell": t.user_attrs.get("cell", "?"),
                                                             "runs": 0, "values": [],
                                                             "statuses": {}})
-        c["runs"] += 1
-        c["values"].append(t.value)
-        for s in str(t.user_attrs.get("statuses", t.user_attrs.get("status", "?"))).split(","):
+        # A search trial is one cell at every seed: count its runs, and spread over its seeds.
+        statuses = str(t.user_attrs.get("statuses", t.user_attrs.get("status", "?"))).split(",")
+        c["runs"] += len(statuses)
+        c["values"].extend(t.user_attrs.get("seed_values") or [t.value])
+        for s in statuses:
             c["statuses"][s] = c["statuses"].get(s, 0) + 1
     out = []
     for c in cells.values():

@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations import analysis  # noqa: E402
+from ablations import analysis, effects as fx, rates, stability  # noqa: E402
 from ablations.fixes import FIXES  # noqa: E402
+from ablations.verdicts import RULE  # noqa: E402
 
 OFF_ON_COLORS = {"off": "#d62728", "on": "#1f77b4"}
 CURVE_METRICS = [("train/loss", "train loss", True), ("train/grad_norm", "pre-clip grad norm", True),
@@ -43,6 +44,11 @@ class Report:
     stability_effects: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: Optional[Path] = None
+    design: str = ""
+    fits: dict[str, fx.FactorialFit] = field(default_factory=dict)  # factorial designs
+    aliases: Optional[fx.Aliases] = None
+    importance: pd.DataFrame = field(default_factory=pd.DataFrame)  # search designs
+    associations: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def two_level(runs: pd.DataFrame, factors: list[str]) -> list[str]:
@@ -199,7 +205,7 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("on minus off (95% bootstrap CI; blue = CI excludes 0)", fontsize=8)
+        ax.set_xlabel("on minus off (95% CI; blue = CI excludes 0)", fontsize=8)
     fig.tight_layout()
     path = out / "effects.png"
     fig.savefig(path, dpi=110)
@@ -229,66 +235,87 @@ def fig_path(path_df: pd.DataFrame, out: Path, outcome: str) -> Optional[Path]:
 
 
 # ------------------------------------------------------------------------------ report
-def analyse(study: str, tracking_uri: Optional[str], plan=None) -> Report:
+def infer_design(runs: pd.DataFrame, factors: list[str]) -> str:
+    """The design of a runs table with no recorded design (older experiments, synthetic tables)."""
+    if runs["roles"].astype(str).str.len().gt(0).any():
+        return "one_at_a_time"
+    two = fx.two_level(runs, factors)
+    if two != factors or not factors:
+        return "search"
+    cells = runs[factors].drop_duplicates()
+    if len(cells) == 2 ** len(factors):
+        return "full_factorial"
+    k = len(cells).bit_length() - 1
+    return "fractional_factorial" if len(cells) == 2 ** k and k < len(factors) else "search"
+
+
+def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = "",
+            factors: Optional[list[str]] = None) -> Report:
+    """Effects, verdicts and tables for the study's design.
+
+    Factorial designs: the design's OLS model (ablations.effects) for continuous outcomes and
+    score intervals for rates; one-at-a-time: paired bootstrap (analysis.main_effects) and paired
+    score intervals; search: importance and associations only, no verdicts. `factors`: the factors
+    to analyse (default: every factor in the cell labels)."""
     runs = analysis.load_runs(study, tracking_uri, plan=plan)
     if runs.empty:
         raise LookupError(f"study {study!r} has no finished runs in {tracking_uri}")
-    factors = analysis.factor_names(runs)
-    effects = analysis.main_effects(runs, factors)
-    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs),
-                  analysis.interactions(runs, factors),
+    factors = factors or analysis.factor_names(runs)
+    tags = analysis.experiment_tags(study, tracking_uri)
+    design = design or tags.get("study.design") or infer_design(runs, factors)
+    stress = [s for s in tags.get("study.stress", "").split(",") if s]
+    empty = pd.DataFrame()
+    if design == "search":
+        from ablations import importance
+
+        return Report(study, runs, factors, empty, empty, empty, empty, empty, design=design,
+                      importance=importance.importance(runs, factors),
+                      associations=importance.associations(runs, factors))
+    fits, aliases = {}, None
+    if design in ("full_factorial", "fractional_factorial") and fx.two_level(runs, factors) == factors:
+        de = fx.factorial_effects(runs, factors, tags.get("mlflow.note.content", ""))
+        effects, inter, fits, aliases = de.effects, de.interactions, de.fits, de.aliases
+    else:  # one at a time (or factors with more than two levels): paired where partners exist
+        effects = pd.concat([analysis.main_effects(runs, factors, fx.CONTINUOUS),
+                             rates.rate_table(runs, factors)], ignore_index=True)
+        inter = analysis.interactions(runs, factors)
+    regimes = stability.layout(runs, factors, stress).regime if stress else ()
+    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs, regimes=regimes),
+                  inter,
                   analysis.one_at_a_time(runs) if runs["roles"].str.len().gt(0).any()
                   else pd.DataFrame(),
-                  analysis.ablation_path(runs, factors),
-                  stress=analysis.study_stress(study, tracking_uri))
+                  analysis.ablation_path(runs, factors), design=design, fits=fits,
+                  aliases=aliases, stress=stress)
 
 
 def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,
                  design: str = "", objective: str = "final_val_f1") -> Report:
     """Analyse the study, draw the figures, write report.md into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = analyse(study, tracking_uri, plan)
+    rep = analyse(study, tracking_uri, plan, design)
     runs = rep.runs
     curves = analysis.load_curves(study, [m for m, _, _ in CURVE_METRICS], tracking_uri, runs)
+    search = rep.design == "search"
     figures = {"curves": fig_curves(curves, runs, rep.factors, out_dir),
                "effects": fig_effects(rep.effects, out_dir),
+               "half_normal": (fig_half_normal(rep.fits["final_val_f1"], out_dir)
+                               if "final_val_f1" in rep.fits else None),
                "divergence_heatmap": fig_divergence_heatmap(runs, rep.factors, out_dir),
                "first_nonfinite": fig_first_nonfinite(runs, out_dir),
-               "ablation_path": fig_path(rep.path, out_dir, objective)}
+               "ablation_path": None if search else fig_path(rep.path, out_dir, objective)}
     rep.figures = {k: v for k, v in figures.items() if v is not None}  # some need 2+ cells
 
     status = runs["status"].value_counts().to_dict()
-    eff = rep.effects.copy()
-    eff_table = pd.DataFrame() if eff.empty else eff[eff.outcome.isin(["diverged", "collapsed", "final_val_f1", "best_val_f1",
-                                      "final_val_loss", "max_grad_norm"])][
-        ["factor", "contrast", "outcome", "effect", "low", "high", "n", "paired", "dropped",
-         "mean_off", "mean_on"]]
     lines = [f"# Ablation report: {study}", "",
              f"{len(runs)} runs ({', '.join(f'{k} {v}' for k, v in sorted(status.items()))}); "
              f"factors: {', '.join(rep.factors)}; seeds: {runs['seed'].nunique()}"
-             + (f"; design: {design}" if design else "") + f". Generated {time.strftime('%Y-%m-%d %H:%M')}.",
-             "",
+             + (f"; design: {rep.design}" if rep.design else "")
+             + f". Generated {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "How runs are counted: crashed or interrupted attempts are excluded; diverged runs stay "
              "in: divergence is a rate, and a diverged run's F1 counts as 0 (its model outputs NaN "
-             "and predicts no chorus frame); loss and grad-norm effects use the pairs where both "
-             "runs are finite (`dropped` says how many were left out). Effects are on minus off "
-             "(or level minus the first level), paired by the other factors and seed where the "
-             "design allows (`paired`), with 95 % bootstrap CIs.", "",
-             "## Verdicts on the seed's claims", "",
-             analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "evidence", "claim"]]),
-             "", analysis.critical_agreement(rep.verdicts) if not rep.verdicts.empty else
-             "No fix of the seed is a factor of this study.", "",
-             "## Main effects", "", analysis.to_markdown(eff_table), ""]
-    if not rep.interactions.empty:
-        inter = rep.interactions.reindex(rep.interactions["effect"].abs().sort_values(
-            ascending=False).index)
-        lines += ["## Two-factor interactions on final F1", "",
-                  "AB = half of (effect of A with B on) minus (effect of A with B off).", "",
-                  analysis.to_markdown(inter[["a", "b", "effect", "low", "high", "n", "paired"]]), ""]
-    if not rep.one_at_a_time.empty:
-        lines += ["## One at a time (final F1)", "", analysis.to_markdown(rep.one_at_a_time), ""]
-    if not rep.path.empty:
-        lines += ["## Ablation path (greedy, final F1)", "", analysis.to_markdown(rep.path), ""]
+             "and predicts no chorus frame); loss and grad-norm effects use the runs where they are "
+             "finite (`dropped` says how many were left out).", ""]
+    lines += _search_sections(rep) if search else _effect_sections(rep)
     if rep.stress:
         from ablations import stability_report
 
@@ -304,13 +331,112 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
                                            f1_mean=("final_val_f1", "mean"),
                                            f1_sd=("final_val_f1", "std"))
                   .sort_values("f1_mean", ascending=False).reset_index())
-    lines += ["## Cells", "", analysis.to_markdown(cell_table), ""]
+    lines += ["## Cells", "", "`runs` counts runs (cell x seed); `f1_sd` is the spread over them.",
+              "", analysis.to_markdown(cell_table), ""]
     md = out_dir / "report.md"
     md.write_text("\n".join(lines))
     rep.markdown = md
     (out_dir / "effects.csv").write_text(analysis.buffer_csv(rep.effects))
     (out_dir / "runs.csv").write_text(analysis.buffer_csv(runs))
     return rep
+
+
+def _effect_sections(rep: Report) -> list[str]:
+    factorial = bool(rep.fits)
+    if factorial:
+        how = ("Effects of continuous outcomes come from the design's own linear model: OLS on the "
+               "factors coded -1/+1 with all main effects and the estimable two-factor "
+               "interactions, seeds as replicates. **Effect = 2 x coefficient** (the DOE textbook "
+               "convention): the mean at + (on) minus the mean at - (off), averaged over the other "
+               "factors. 95 % CIs are t intervals from the residual error (`boot_low`/`boot_high`: "
+               "seed-cluster bootstrap as a check, with 3 or more seeds; where residual df are too "
+               "few it gives the CIs, and an unreplicated design uses Lenth's pseudo standard "
+               "error and the half-normal plot).")
+    else:
+        how = ("Effects of continuous outcomes are on minus off (or level minus the first level), "
+               "paired by the other factors and seed where the design allows (`paired`), with 95 % "
+               "bootstrap CIs.")
+    how += (" Rate differences (divergence, collapse) get Newcombe's score intervals, paired "
+            "where the design pairs runs; 0/n vs 0/n is shown as such, with its real interval.")
+    lines = ["## How effects are estimated", "", how, "",
+             "## Verdicts on the seed's claims", "", f"Rule applied: {RULE}", ""]
+    if rep.verdicts.empty:
+        lines += ["No fix of the seed is a factor of this study.", ""]
+    else:
+        lines += [analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "reason",
+                                                     "claim"]]), "",
+                  analysis.critical_agreement(rep.verdicts), ""]
+    if factorial:
+        f1 = rep.fits.get("final_val_f1")
+        lines += ["## Factorial model", "",
+                  f"Aliases: {rep.aliases.source}." if rep.aliases else ""]
+        for fit in rep.fits.values():
+            lines += ["", f"- {fx.describe(fit)}"] + [f"  - {n}" for n in fit.notes]
+        if f1 is not None:
+            lines += ["", "### final F1: every term", "", analysis.to_markdown(f1.table, ".4f"), ""]
+    eff = rep.effects
+    if not eff.empty:
+        cont = eff[~eff.outcome.isin(["diverged", "collapsed"])]
+        keep = [c for c in ["factor", "contrast", "outcome", "effect", "low", "high", "p", "n",
+                            "paired", "dropped", "mean_off", "mean_on", "aliases"] if c in cont]
+        lines += ["## Main effects", "", analysis.to_markdown(cont[keep]), "",
+                  "## Rate differences (on minus off)", "",
+                  analysis.to_markdown(eff[eff.outcome.isin(["diverged", "collapsed"])][
+                      ["factor", "outcome", "counts", "effect", "low", "high", "p", "method"]]), ""]
+    if not rep.interactions.empty:
+        inter = rep.interactions.reindex(rep.interactions["effect"].abs().sort_values(
+            ascending=False).index)
+        cols = [c for c in ["a", "b", "effect", "low", "high", "p", "aliases", "n", "paired"]
+                if c in inter]
+        lines += ["## Two-factor interactions on final F1", "",
+                  ("AB = 2 x its coefficient: half of (effect of A with B on) minus (effect of A "
+                   "with B off)." if factorial else
+                   "AB = half of (effect of A with B on) minus (effect of A with B off)."), "",
+                  analysis.to_markdown(inter[cols]), ""]
+    if not rep.one_at_a_time.empty:
+        lines += ["## One at a time (final F1)", "", analysis.to_markdown(rep.one_at_a_time), ""]
+    if not rep.path.empty:
+        lines += ["## Ablation path (greedy, final F1)", "", analysis.to_markdown(rep.path), ""]
+    return lines
+
+
+def _search_sections(rep: Report) -> list[str]:
+    note = rep.importance.attrs.get("note", "")
+    return ["## Search design: importance and associations, no verdicts", "",
+            "The sampler chose which cells ran, so a fix's \"on minus off\" here is confounded "
+            "with everything the sampler chose along with it: this report gives no effects and no "
+            "verdicts. Run a factorial or one-at-a-time study to test the claims.", "",
+            f"### Importance ({note})", "", analysis.to_markdown(rep.importance), "",
+            "### Associations (descriptive; runs counted per level)", "",
+            analysis.to_markdown(rep.associations), ""]
+
+
+def fig_half_normal(fit: fx.FactorialFit, out: Path) -> Optional[Path]:
+    """Daniel's half-normal plot of the effects on final F1; Lenth's margin of error dashed."""
+    eff = fit.table.set_index("term")["effect"]
+    if len(eff) < 3:
+        return None
+    hn = fx.half_normal(eff)
+    pse, me, _ = fx.lenth(eff.to_numpy())
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.scatter(hn["abs_effect"], hn["quantile"], color="#1f77b4", s=22)
+    for r in hn.tail(min(5, len(hn))).itertuples():
+        ax.annotate(r.term, (r.abs_effect, r.quantile), textcoords="offset points",
+                    xytext=(-4, 4), ha="right", fontsize=7)
+    if np.isfinite(pse) and pse > 0:
+        q = np.linspace(0, hn["quantile"].max() * 1.05, 20)
+        ax.plot(q * pse, q, color="grey", lw=0.8, label="null line (slope: Lenth PSE)")
+        ax.axvline(me, color="grey", ls="--", lw=0.8, label=f"Lenth ME {me:.3f}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("|effect| on final F1 (2 x OLS coefficient)")
+    ax.set_ylabel("half-normal quantile")
+    ax.set_title(f"Half-normal plot of the {len(hn)} effects (Daniel): points off the line are "
+                 f"real", fontsize=9)
+    fig.tight_layout()
+    p = out / "half_normal.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
 
 
 def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path) -> Optional[str]:
@@ -329,14 +455,16 @@ def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path) -> Opt
 
 def verdict_lines(rep: Report) -> list[str]:
     """The verdicts as short lines for the terminal."""
+    if rep.design == "search":
+        top = ", ".join(f"{r.factor} {r.importance:.2f}" for r in rep.importance.itertuples())
+        return ["  search design: no verdicts (the sampler chose the cells); fANOVA importance: "
+                + (top or "n/a")]
     out = []
     for r in rep.verdicts.itertuples():
         out.append(f"  {r.fix:<15} {r.verdict:<12} {r.evidence.split(': ', 1)[1]}")
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
     if not rep.stability_effects.empty:
-        from ablations import stability
-
         lay = stability.layout(rep.runs, rep.factors, rep.stress)
         out.append(f"stability: each fix's effect on log10 max stable {lay.axis} (95% CI over "
                    f"seeds; see report for LR sensitivity and failure rates):")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -530,3 +531,23 @@ def test_search_trials_that_always_crash_stop_after_the_retries(stores, monkeypa
     r, _ = stores.launch(spec)
     assert not r.interrupted, f"launch did not stop by itself: {len(counting.calls)} attempts"
     assert len(counting.calls) <= 2 * (1 + 1)
+
+
+def test_search_summary_counts_runs_and_its_report_gives_no_verdicts(stores):
+    """Issue #13: a search trial is one cell at every seed, so the summary counts runs (not
+    trials) and its sd is the spread over seeds; the report gives importance, no verdicts."""
+    from ablations import report
+
+    body = SEARCH.replace("seeds: [0]", "seeds: [0, 1]").replace("trials: 3", "trials: 2")
+    body = body.replace("factors:\n", "factors:\n  layer_norm: [off, on]\n")
+    spec = load_spec(write_study(stores.dir, "search_seeds", body))
+    r, _ = stores.launch(spec)
+    assert r.done == 2 and sum(c["runs"] for c in r.summary) == 4
+    for t in stores.trials(spec):
+        vals = t.user_attrs["seed_values"]
+        cell = next(c for c in r.summary if c["cell"] == t.user_attrs["cell"])
+        assert len(vals) == 2 and cell["sd"] == pytest.approx(statistics.stdev(vals))
+    rep = report.analyse(spec.name, stores.tracking)
+    assert rep.design == "search" and rep.verdicts.empty and rep.effects.empty
+    assert set(rep.associations["factor"]) == {"layer_norm", "lr"}
+    assert rep.associations["runs"].groupby(rep.associations["factor"]).sum().max() == 4

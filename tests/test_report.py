@@ -55,12 +55,20 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     tmp, uri = tiny_study
     out = tmp / "rep"
     rep = report.write_report("tinyrep", uri, out)
-    for name in ("curves", "effects", "divergence_heatmap", "first_nonfinite", "ablation_path"):
+    for name in ("curves", "effects", "half_normal", "divergence_heatmap", "first_nonfinite",
+                 "ablation_path"):
         png = rep.figures[name]
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = rep.markdown.read_text()
     assert "## Verdicts on the seed's claims" in md and "plain_residual" in md
-    assert set(rep.verdicts["verdict"]) <= {"supported", "refuted", "inconclusive"}
+    assert set(rep.verdicts["verdict"]) <= {"supported", "refuted", "inconclusive", "untested"}
+    # issue #13: the design's model, its convention and the verdict rule are in the report
+    assert rep.design == "full_factorial" and "final_val_f1" in rep.fits
+    assert "Effect = 2 x coefficient" in md and "Rule applied:" in md and "Holm" in md
+    assert "## Rate differences" in md and "Newcombe" in md
+    fit = rep.fits["final_val_f1"]
+    assert fit.n == 8 and fit.df_resid == 4 and set(fit.table.term) == {
+        "plain_residual", "clip_0_5", "plain_residual:clip_0_5"}
     parent = report.log_to_mlflow("tinyrep", uri, out)
     from mlflow.tracking import MlflowClient
 
@@ -103,3 +111,49 @@ def test_notebooks_execute(tiny_study, notebook, monkeypatch):
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def _tiny_yaml(tmp: Path) -> Path:
+    import yaml
+
+    spec = tmp / "tinyplan.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tinyrep", "design": "full_factorial",
+                                    "factors": {"plain_residual": ["off", "on"],
+                                                "clip_0_5": ["off", "on"]},
+                                    "seeds": 2, "baseline": "fixed", "base": TINY}))
+    return spec
+
+
+def test_runner_plan_reads_the_store(tiny_study):
+    """`runner.py plan`: design and model df, wall time from the runs in the store, power from
+    their seed-to-seed spread, seeds for a target effect; trains nothing."""
+    tmp, uri = tiny_study
+    proc = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(_tiny_yaml(tmp)),
+                           "--tracking-uri", uri, "--target-effect", "0.05"],
+                          capture_output=True, text=True, cwd=tmp, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "4 cells x 2 seeds = 8 runs" in out and "4 residual df" in out
+    assert "wall time: about" in out and "median of 8 recent runs" in out
+    assert "pooled over 4 recipe(s) of this plan already in the store (8 runs, 4 df)" in out
+    assert "smallest F1 effect:" in out and "seeds for an F1 effect of 0.05:" in out
+
+
+def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path):
+    """No store: 'none known' and the stated default spread; the planning code imports neither
+    torch nor MLflow (and creates no database); a bad option is a one-line error."""
+    code = ("import sys; from ablations.power import plan; from ablations.spec import load_spec; "
+            f"print('\\n'.join(plan(load_spec({str(_tiny_yaml(tmp_path))!r}), "
+            "'sqlite:///mlflow.db'))); "
+            "print('torch' in sys.modules, 'mlflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "wall time: none known (no tracking store at mlflow.db)" in proc.stdout
+    assert "0.03: an assumed default" in proc.stdout
+    assert proc.stdout.strip().endswith("False False")
+    assert not (tmp_path / "mlflow.db").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(_tiny_yaml(tmp_path)),
+                          "--sd", "-1"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "--sd -1: must be a positive number" in bad.stderr

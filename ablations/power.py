@@ -1,0 +1,348 @@
+"""`runner.py plan STUDY.yaml`: the design, its cost and what it can detect, before anything runs.
+
+    design: cells, runs, aliases, the model's residual degrees of freedom
+    wall time: seconds per step of recent runs of the same model size in the tracking store
+    power: the smallest F1 effect and rate difference detectable at 80 % power, from the
+           seed-to-seed spread of earlier runs of the same recipes (else a stated default),
+           and the seeds a target effect needs
+
+Reading the tracking store: an SQLite store (MLflow's default, `sqlite:///mlflow.db`) is read
+with the standard library's sqlite3, read-only. Why not MlflowClient: importing MLflow costs
+seconds (this command should answer at once), and opening a store through MLflow runs its
+schema migrations, i.e. writes to (or creates) a database that a planning command should only
+read. Other stores (an MLflow server, PostgreSQL) go through MlflowClient, imported only then.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import statistics
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from ablations import designs
+from ablations.spec import StudySpec
+
+ALPHA, POWER = 0.05, 0.80
+DEFAULT_SD = 0.03  # F1 sd between seeds assumed when the store has no earlier runs of a recipe
+# Fields that set the cost of a training step (not the factors' fixes, which cost the same).
+COST_FIELDS = ("data_source", "frames", "n_features", "hidden_dim", "n_blocks", "kernel_size",
+               "batch_size", "device", "n_songs")
+NOT_RECIPE = ("seed", "device", "cache_dir")  # differ between runs of the same recipe
+
+
+@dataclass
+class StoredRun:
+    params: dict[str, str]
+    status: str
+    metrics: dict[str, float]
+    start_time: int
+
+
+def _param_str(v: Any) -> str:
+    """A config value as tracking.start_child logs it."""
+    return json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def read_runs(tracking_uri: str, limit: int = 5000) -> tuple[list[StoredRun], str]:
+    """Finished runs of every study in the store, newest first, and a note on where from."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):]
+        if not os.path.exists(path):
+            return [], f"no tracking store at {path}"
+        return _read_sqlite(path, limit), tracking_uri
+    if urlparse(tracking_uri).scheme in ("", "file") and not os.path.exists(
+            urlparse(tracking_uri).path or tracking_uri):
+        return [], f"no tracking store at {tracking_uri}"
+    return _read_mlflow(tracking_uri, limit), tracking_uri
+
+
+def _read_sqlite(path: str, limit: int) -> list[StoredRun]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        ids = [r[0] for r in con.execute(
+            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'kind' AND t.value = 'run' AND r.status = 'FINISHED' "
+            "AND r.lifecycle_stage = 'active' ORDER BY r.start_time DESC LIMIT ?", (limit,))]
+        out = {i: StoredRun({}, "", {}, 0) for i in ids}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            q = ",".join("?" * len(part))
+            for rid, k, v in con.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({q})", part):
+                out[rid].params[k] = v
+            for rid, v in con.execute(f"SELECT run_uuid, value FROM tags WHERE key = 'status' AND run_uuid IN ({q})", part):
+                out[rid].status = v
+            for rid, k, v in con.execute(f"SELECT run_uuid, key, value FROM latest_metrics WHERE key LIKE 'outcome/%' AND run_uuid IN ({q})", part):
+                out[rid].metrics[k[len("outcome/"):]] = float(v)
+            for rid, t in con.execute(f"SELECT run_uuid, start_time FROM runs WHERE run_uuid IN ({q})", part):
+                out[rid].start_time = int(t or 0)
+    except sqlite3.DatabaseError:
+        return []  # not an MLflow store (or an unknown schema): nothing known
+    finally:
+        con.close()
+    return [r for r in out.values() if r.status]
+
+
+def _read_mlflow(tracking_uri: str, limit: int) -> list[StoredRun]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return []
+    runs = client.search_runs(exps, "tags.kind = 'run' and attributes.status = 'FINISHED'",
+                              max_results=min(limit, 5000), order_by=["attributes.start_time DESC"])
+    return [StoredRun(dict(r.data.params), r.data.tags.get("status", ""),
+                      {k[len("outcome/"):]: v for k, v in r.data.metrics.items()
+                       if k.startswith("outcome/")}, r.info.start_time)
+            for r in runs if r.data.tags.get("status")]
+
+
+# ------------------------------------------------------------------------------ estimates
+def seconds_per_step(spec: StudySpec, stored: list[StoredRun], configs: list[dict]
+                     ) -> Optional[tuple[float, int]]:
+    """Median wall seconds per training step of up to 50 recent runs with the plan's model size
+    (COST_FIELDS) that ran all their steps; (seconds, runs used) or None."""
+    want = {tuple(_param_str(c.get(f)) for f in COST_FIELDS) for c in configs}
+    rates = []
+    for r in stored:
+        if r.status == "diverged" or not r.metrics.get("steps") or "wall_time_s" not in r.metrics:
+            continue  # a diverged run stops early
+        if tuple(r.params.get(f, "") for f in COST_FIELDS) in want:
+            rates.append(r.metrics["wall_time_s"] / r.metrics["steps"])
+        if len(rates) >= 50:
+            break
+    return (statistics.median(rates), len(rates)) if rates else None
+
+
+def seed_spread(configs: list[dict], stored: list[StoredRun]
+                ) -> Optional[tuple[float, int, int, float, int]]:
+    """Pooled within-recipe sd of final F1 (diverged = 0) over earlier runs whose config equals a
+    planned cell's except for the seed: (sd, df, recipes, divergence rate, runs) or None."""
+    keys = {_recipe_key({k: _param_str(v) for k, v in c.items()}) for c in configs}
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in stored:
+        key = _recipe_key(r.params)
+        if key not in keys:
+            continue
+        f1 = 0.0 if r.status == "diverged" else r.metrics.get("final_val_f1", math.nan)
+        seed = r.params.get("seed", "?")
+        groups.setdefault(key, {}).setdefault(seed, f1)  # newest first: the latest per seed
+    ss, df, n, div = 0.0, 0, 0, 0
+    for g in groups.values():
+        vals = [v for v in g.values() if math.isfinite(v)]
+        n += len(vals)
+        div += sum(v == 0.0 for v in vals)
+        if len(vals) >= 2:
+            m = statistics.fmean(vals)
+            ss += sum((v - m) ** 2 for v in vals)
+            df += len(vals) - 1
+    if df == 0:
+        return None
+    return math.sqrt(ss / df), df, len(groups), div / n if n else math.nan, n
+
+
+def _recipe_key(params: dict[str, str]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items() if k not in NOT_RECIPE))
+
+
+def detectable_effect(sd: float, n_runs: int, df: int, alpha: float = ALPHA,
+                      power: float = POWER) -> float:
+    """Smallest two-level factorial effect (mean at + minus mean at -) detected with `power` by
+    the model's two-sided t test: the effect's SE is 2 sd / sqrt(N) on `df` residual df."""
+    from scipy.optimize import brentq
+    from statsmodels.stats.power import ttest_power
+
+    if df < 1 or n_runs < 2:
+        return math.nan
+    # ttest_power's noncentrality is es * sqrt(nobs); with es = effect / (2 sd) and nobs = N it
+    # is effect / SE(effect).
+    def gap(e: float) -> float:  # scipy's noncentral t returns NaN where power is ~1
+        v = ttest_power(e, n_runs, alpha, df=df)
+        return (1.0 if math.isnan(v) else float(v)) - power
+
+    hi = 0.1 / math.sqrt(n_runs)
+    while gap(hi) < 0:
+        hi *= 2
+    es = brentq(gap, 1e-9, hi)
+    return 2 * sd * es
+
+
+def detectable_paired(sd: float, seeds: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """One-at-a-time: a paired difference over seeds (sd of a difference = sqrt(2) sd)."""
+    from statsmodels.stats.power import TTestPower
+
+    if seeds < 2:
+        return math.nan
+    es = TTestPower().solve_power(effect_size=None, nobs=seeds, alpha=alpha, power=power)
+    return float(es) * math.sqrt(2) * sd
+
+
+def detectable_rate(n_per_arm: int, alpha: float = ALPHA, power: float = POWER
+                    ) -> tuple[float, float]:
+    """(rise from 0 %, difference around 50 %) detectable between two arms of n runs, from
+    Cohen's h with the normal approximation (statsmodels NormalIndPower); approximate at small n."""
+    from statsmodels.stats.power import NormalIndPower
+
+    if n_per_arm < 2:
+        return math.nan, math.nan
+    h = float(NormalIndPower().solve_power(effect_size=None, nobs1=n_per_arm, alpha=alpha,
+                                           power=power, ratio=1.0))
+    from_zero = math.sin(min(h, math.pi) / 2) ** 2
+    around_half = math.sin(math.pi / 4 + h / 4) ** 2 - math.sin(math.pi / 4 - h / 4) ** 2
+    return from_zero, around_half
+
+
+# ------------------------------------------------------------------------------ the plan
+def model_terms(spec: StudySpec) -> tuple[int, str]:
+    """(parameters of the analysis model per replicate, alias text) of a factorial design."""
+    from ablations import effects
+
+    names = [f.name for f in spec.factors]
+    if spec.design == "fractional_factorial":
+        aliases = effects.aliases_from_note(designs.describe_fraction(spec.factors, spec.fraction), names)
+    else:
+        aliases = effects.Aliases(tuple(names))
+    est = aliases.estimable(2)
+    lines = []
+    for w, al in est:
+        short = [a for a in al if a.count(":") <= 2]
+        if short:
+            lines.append(f"    {effects.term_name(w, names)} = {' = '.join(short)}")
+    return 1 + len(est), "\n".join(lines)
+
+
+def plan(spec: StudySpec, tracking_uri: str, target_effect: Optional[float] = None,
+         sd: Optional[float] = None) -> list[str]:
+    """The lines `runner.py plan` prints."""
+    out = design_lines(spec)
+    search = spec.design == "search"
+    runs = [] if search else designs.runs(spec)
+    configs = ([designs.resolve(spec, designs.Cell(tuple((f.name, f.values[0] if f.values else
+                                                          f.range.low) for f in spec.factors)),
+                                spec.seeds[0]).to_dict()] if search else
+               [r.config.to_dict() for r in runs])
+    stored, where = read_runs(tracking_uri)
+    out.append(wall_time_line(spec, stored, where, configs))
+    if search:
+        out.append("power: a search is not a designed comparison (the sampler picks the cells); "
+                   "no detectable effect to compute. Run a factorial study to test claims.")
+        return out
+    spread = seed_spread(configs, stored)
+    if sd is not None:
+        sd_note = f"F1 sd between seeds {sd:g} (given with --sd)"
+    elif spread:
+        sd = spread[0]
+        sd_note = (f"F1 sd between seeds {sd:.4f}, pooled over {spread[2]} recipe(s) of this plan "
+                   f"already in the store ({spread[4]} runs, {spread[1]} df)")
+    else:
+        sd = DEFAULT_SD
+        sd_note = (f"F1 sd between seeds {sd:g}: an assumed default, no earlier runs of these "
+                   f"recipes in the store (give --sd, or run a pilot: a few cells x 3 seeds)")
+    out.append(f"power (80 %, two-sided alpha 0.05; {sd_note}):")
+    seeds = len(spec.seeds)
+    cells = len(runs) // max(1, seeds)
+    if spec.design == "one_at_a_time":
+        d = detectable_paired(sd, seeds)
+        out.append(f"  smallest F1 effect: {_f(d)} (add-one-in / leave-one-out, paired over "
+                   f"{seeds} seeds)")
+        n_arm = seeds
+        need = _seeds_for(target_effect, lambda s: detectable_paired(sd, s))
+    else:  # factors with more than two levels: a cell-means model (one term per cell)
+        p = model_terms(spec)[0] if all(len(f.values) == 2 for f in spec.factors) else cells
+        n = len(runs)
+        d = detectable_effect(sd, n, n - p)
+        out.append(f"  smallest F1 effect: {_f(d)} (factorial model, {n} runs, {n - p} residual "
+                   f"df)" if n > p else
+                   f"  smallest F1 effect: not computable with {seeds} seed(s): no residual df "
+                   f"(Lenth's method and the half-normal plot only); use 2 or more seeds")
+        n_arm = n // 2
+        need = _seeds_for(target_effect, lambda s: detectable_effect(sd, cells * s, cells * s - p))
+    rise, half = detectable_rate(n_arm)
+    m = 2 * sum(f.kind == "fix" for f in spec.factors)
+    rise_h, half_h = detectable_rate(n_arm, alpha=ALPHA / max(1, m))
+    out.append(f"  smallest divergence/collapse rate difference ({n_arm} vs {n_arm} runs, "
+               f"normal approx. on Cohen's h): 0 % -> {rise:.0%}, or +-{half:.0%} around 50 %; "
+               f"at Holm's strictest level (alpha 0.05/{m}, the first of {m} instability tests): "
+               f"0 % -> {rise_h:.0%}, +-{half_h:.0%}")
+    if target_effect is not None:
+        out.append(f"  seeds for an F1 effect of {target_effect:g}: " +
+                   (f"{need} (this plan has {seeds})" if need else "more than 64"))
+    return out
+
+
+def preamble(spec: StudySpec, tracking_uri: str) -> list[str]:
+    """What `run` prints before it starts: the design and the wall-time estimate."""
+    try:
+        stored, where = read_runs(tracking_uri)
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a launch
+        stored, where = [], f"{tracking_uri} (not readable: {type(e).__name__})"
+    configs = ([] if spec.design == "search" else [r.config.to_dict() for r in designs.runs(spec)])
+    if not configs:
+        configs = [designs.resolve(spec, designs.Cell(tuple(
+            (f.name, f.values[0] if f.values else f.range.low) for f in spec.factors)),
+            spec.seeds[0]).to_dict()]
+    return design_lines(spec) + [wall_time_line(spec, stored, where, configs)]
+
+
+def _seeds_for(target: Optional[float], detectable) -> Optional[int]:
+    if target is None:
+        return None
+    for s in range(1, 65):
+        d = detectable(s)
+        if math.isfinite(d) and d <= abs(target):
+            return s
+    return None
+
+
+def _f(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def design_lines(spec: StudySpec) -> list[str]:
+    """Design, cells, runs and aliases (also printed by `run` before it starts)."""
+    seeds = len(spec.seeds)
+    if spec.design == "search":
+        return [f"design: search ({spec.sampler}), {spec.trials} trials x {seeds} seeds = "
+                f"{(spec.trials or 0) * seeds} runs; the sampler chooses the cells: importance "
+                f"and associations only, no verdicts"]
+    cells = len(designs.cells(spec))
+    head = f"design: {spec.design}"
+    if spec.design == "fractional_factorial":
+        head += " " + designs.describe_fraction(spec.factors, spec.fraction)
+    out = [head, f"  {cells} cells x {seeds} seeds = {cells * seeds} runs"]
+    if spec.design in ("full_factorial", "fractional_factorial") and all(
+            len(f.values) == 2 for f in spec.factors):
+        p, alias_text = model_terms(spec)
+        out.append(f"  model: {p} terms (mean, {len(spec.factors)} main effects, "
+                   f"{p - 1 - len(spec.factors)} two-factor interaction sets); "
+                   f"{cells * seeds - p} residual df")
+        out.append("  aliases (up to three-factor terms):\n" + alias_text if alias_text else
+                   "  aliases: none up to three-factor terms (main effects and two-factor "
+                   "interactions all clear)")
+    elif spec.design == "one_at_a_time":
+        out.append("  effects: add-one-in and leave-one-out, paired over seeds (no interactions)")
+    return out
+
+
+def wall_time_line(spec: StudySpec, stored: list[StoredRun], where: str, configs: list[dict]) -> str:
+    n_runs = len(configs) if spec.design != "search" else (spec.trials or 0) * len(spec.seeds)
+    steps = statistics.fmean(c["epochs"] * c["steps_per_epoch"] for c in configs)
+    sps = seconds_per_step(spec, stored, configs)
+    if sps is None:
+        why = where if where.startswith("no tracking store") else \
+            f"no finished run of this model size in {where}"
+        return f"wall time: none known ({why}); {n_runs} runs x {steps:.0f} steps"
+    total = sps[0] * steps * n_runs
+    return (f"wall time: about {_dur(total)} with 1 worker ({n_runs} runs x {steps:.0f} steps x "
+            f"{sps[0] * 1000:.1f} ms/step, median of {sps[1]} recent runs of this model size in "
+            f"{where}; diverged runs stop early, so less if some diverge)")
+
+
+def _dur(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
