@@ -17,6 +17,8 @@ from model.data import make_data
 from model.train import build_optimizer, lr_factor, train
 
 TINY = dict(n_songs=8, frames=64, batch_size=4, epochs=1, steps_per_epoch=6, device="cpu")
+# The precision tests also run on CUDA where it is present (benchmarks/cuda_checks.py runs them).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def cfg(**kw) -> TrainConfig:
@@ -26,19 +28,21 @@ def cfg(**kw) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_each_precision_trains_finite_at_the_defaults(precision):
-    res = train(cfg(precision=precision))
+def test_each_precision_trains_finite_at_the_defaults(precision, device):
+    res = train(cfg(precision=precision, device=device))
     assert res.status in ("converged", "collapsed")  # 6 steps: learning is not the point
     assert res.nonfinite_events == 0 and math.isfinite(res.final_val_loss)
     assert math.isfinite(res.init_loss)
 
 
-def test_fp16_scaler_skips_are_counted_apart_from_events():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_scaler_skips_are_counted_apart_from_events(device):
     """GradScaler starts at 2^16: the first scaled gradients overflow fp16 and the scaler skips
     those steps. That is its normal working: counted as scaler_skips, never as an event."""
     logged: dict[str, list[float]] = {}
-    res = train(cfg(precision="fp16", steps_per_epoch=10),
+    res = train(cfg(precision="fp16", steps_per_epoch=10, device=device),
                 log=lambda m, s: [logged.setdefault(k, []).append(v) for k, v in m.items()])
     assert res.scaler_skips >= 1
     assert res.nonfinite_events == 0 and res.status != "diverged" and not res.events
@@ -46,10 +50,12 @@ def test_fp16_scaler_skips_are_counted_apart_from_events():
     assert "nonfinite/events" not in logged
 
 
-def test_real_fp16_overflow_is_caught_localised_and_counted():
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_fp16_overflow_is_caught_localised_and_counted(device):
     """Power features (no log) without input normalisation: the first convolution's output
-    exceeds fp16's 65504 at step 1. Nothing is injected: real data, real model, real autocast."""
-    c = cfg(precision="fp16", features="power", input_norm=False, nonfinite="stop")
+    exceeds fp16's 65504 in the first steps. Nothing is injected: real data, real model, real
+    autocast."""
+    c = cfg(precision="fp16", features="power", input_norm=False, nonfinite="stop", device=device)
     res = train(c)
     assert res.status == "diverged"
     # within the first steps (which window overflows first depends on the songs drawn)

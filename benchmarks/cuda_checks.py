@@ -1,0 +1,100 @@
+"""The GPU path, checked for real on a machine with CUDA (no GPU was lent where this was written).
+
+    python benchmarks/cuda_checks.py              # tests on CUDA, a quick study, precision modes
+    python benchmarks/cuda_checks.py --seed-grid  # also the seed grid's wall time on one GPU
+
+1. the test suite's device tests with CUDA present (the CUDA-parametrized stress-knob tests:
+   every precision trains finite, a real fp16 overflow is localised, GradScaler skips counted);
+2. `runner.py run studies/quick.yaml --device cuda` in a temporary directory, timed;
+3. the fixed recipe for 80 steps in fp32, bf16 and fp16 (autocast, GradScaler) on CUDA, side by
+   side: steps/s and the ratios to fp32, and the same on the CPU for comparison;
+4. with --seed-grid: `runner.py run studies/seed_fixes.yaml --device cuda` (192 runs), timed.
+Exits non-zero if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._env import code_state, load_average  # noqa: E402
+
+
+def sh(args: list[str], cwd: Path) -> tuple[int, float, str]:
+    t = time.perf_counter()
+    p = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    return p.returncode, time.perf_counter() - t, (p.stdout + p.stderr)[-3000:]
+
+
+def precision_speed(device: str, steps: int = 80) -> dict[str, float]:
+    from model.config import TrainConfig
+    from model.train import train
+
+    out = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = TrainConfig(device=device, precision=precision, epochs=2,
+                              steps_per_epoch=steps // 2)
+        train(TrainConfig(device=device, precision=precision, epochs=1, steps_per_epoch=3))  # warm
+        res = train(cfg)
+        out[precision] = res.steps_per_s
+        print(f"  {device:<5} {precision}: {res.steps_per_s:7.1f} steps/s  status {res.status}  "
+              f"events {res.nonfinite_events}  scaler skips {res.scaler_skips}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed-grid", action="store_true", help="also time studies/seed_fixes.yaml")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device here: nothing to check (run this on a GPU machine)")
+        return 2
+    print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; {code_state()}; "
+          f"load {load_average()}", flush=True)
+    failed = []
+    rc, s, out = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     "tests/test_stress_knobs.py", "tests/test_cli_train.py", "tests/test_train.py",
+                     "tests/test_cnn.py"], ROOT)
+    print(f"1. device tests on CUDA: {'ok' if rc == 0 else 'FAILED'} ({s:.0f} s)\n"
+          + out.strip().splitlines()[-1], flush=True)
+    failed += ["tests"] if rc else []
+    with tempfile.TemporaryDirectory() as d:
+        rc, s, out = sh([sys.executable, str(ROOT / "runner.py"), "run",
+                         str(ROOT / "studies" / "quick.yaml"), "--device", "cuda", "--no-report"],
+                        Path(d))
+        print(f"2. quick study on cuda: {'ok' if rc == 0 else 'FAILED'} in {s:.0f} s", flush=True)
+        if rc:
+            print(out)
+            failed.append("quick study")
+    print("3. precision modes, fixed recipe, 80 steps:", flush=True)
+    gpu = precision_speed("cuda")
+    cpu = precision_speed("cpu")
+    for p in ("bf16", "fp16"):
+        print(f"   {p} / fp32 steps/s: cuda {gpu[p] / gpu['fp32']:.2f}x, cpu {cpu[p] / cpu['fp32']:.2f}x")
+    print(f"   cuda / cpu steps/s in fp32: {gpu['fp32'] / cpu['fp32']:.2f}x", flush=True)
+    if args.seed_grid:
+        with tempfile.TemporaryDirectory() as d:
+            rc, s, out = sh([sys.executable, str(ROOT / "runner.py"), "run",
+                             str(ROOT / "studies" / "seed_fixes.yaml"), "--device", "cuda",
+                             "--no-report"], Path(d))
+            print(f"4. seed grid (192 runs) on one GPU: {'ok' if rc == 0 else 'FAILED'} in "
+                  f"{s / 60:.1f} min", flush=True)
+            failed += ["seed grid"] if rc else []
+    print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
