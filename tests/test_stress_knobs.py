@@ -139,3 +139,22 @@ def test_run_keys_of_existing_configs_are_unchanged():
     assert config_key(broken) == "9e238ec4afbf"
     assert config_key(cfg(precision="fp16")) != config_key(cfg())  # a set field is identity
     assert config_key(cfg(warmup_steps=3)) != config_key(cfg())
+
+
+# ------------------------------------------------------------------------ no chorus to find
+def test_validation_without_chorus_warns_and_is_not_a_collapse():
+    """Two songs, the validation one without a chorus (issue #16, rough edge 6): F1 is undefined
+    there (NaN, with a warning), and predicting no chorus on it is right, not a collapse."""
+    from dataclasses import replace
+
+    from model.data import SongData
+    from model.train import NoChorusWarning
+
+    data = make_data(cfg())
+    song = data.val[0]
+    no_chorus = replace(song, labels=np.zeros_like(song.labels))
+    only = SongData(data.train, (no_chorus,), data.n_features, data.frame_rate)
+    with pytest.warns(NoChorusWarning, match="has no chorus frame: chorus F1 is undefined"):
+        res = train(cfg(), data=only)
+    assert math.isnan(res.final_val_f1)
+    assert res.status != "collapsed"
