@@ -13,11 +13,13 @@ How runs are counted
     computed over the pairs where both runs are finite, and the number left out is reported;
   * `first_nonfinite_step` of a run that never went non-finite is censored at its step count.
 
-Effects (on minus off, or level minus the first level of a field factor) are paired: each run is
-matched with the run that differs only in that factor (same other factors, same seed). Where the
-design has no such partner (fractional factorial), the effect is the difference of the two arms'
-means, which a balanced two-level design estimates without bias. 95 % CIs are bootstrap CIs
-(scipy.stats.bootstrap, BCa; percentile where BCa is undefined) over pairs or runs.
+Effects here (on minus off, or level minus the first level of a field factor) are paired: each
+run is matched with the run that differs only in that factor (same other factors, same seed).
+Where the design has no such partner, the effect is the difference of the two arms' means. 95 %
+CIs are bootstrap CIs (scipy.stats.bootstrap, BCa; percentile where BCa is undefined) over pairs
+or runs. The report uses these for one-at-a-time designs; factorial designs are analysed with
+their own linear model (ablations.effects), rates with score intervals (ablations.rates), and
+verdicts follow ablations.verdicts.RULE.
 """
 
 from __future__ import annotations
@@ -474,9 +476,13 @@ def critical_agreement(v: pd.DataFrame) -> str:
         return "None of the seed's 'most critical' fixes is a factor of this study."
     parts = [f"{r.fix}: {r.verdict}" for r in crit.itertuples()]
     others = v[~v.critical & (v.verdict == "supported")]
-    agree = all(r.verdict == "supported" for r in crit.itertuples())
-    s = ("The data agrees with the seed's 'most critical' list" if agree else
-         "The data does not agree with the seed's 'most critical' list") + f" ({'; '.join(parts)})."
+    if all(r.verdict == "supported" for r in crit.itertuples()):
+        s = "The data agrees with the seed's 'most critical' list"
+    elif any(r.verdict == "refuted" for r in crit.itertuples()):
+        s = "The data does not agree with the seed's 'most critical' list"
+    else:  # untested or inconclusive: no contradiction shown either
+        s = "The data can neither confirm nor contradict the seed's 'most critical' list"
+    s += f" ({'; '.join(parts)})."
     if not others.empty:
         s += f" Fixes the seed did not rank critical but that matter here: {', '.join(others.fix)}."
     return s

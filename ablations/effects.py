@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 

@@ -59,6 +59,14 @@ def read_runs(tracking_uri: str, limit: int = 5000) -> tuple[list[StoredRun], st
     if urlparse(tracking_uri).scheme in ("", "file") and not os.path.exists(
             urlparse(tracking_uri).path or tracking_uri):
         return [], f"no tracking store at {tracking_uri}"
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:  # MLflow's client retries a dead server for minutes: probe it once, briefly
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5):
+                pass
+        except OSError as e:
+            return [], f"{tracking_uri} (not reachable: {type(e).__name__})"
     return _read_mlflow(tracking_uri, limit), tracking_uri
 
 

@@ -378,7 +378,8 @@ def _effect_sections(rep: Report) -> list[str]:
     if not eff.empty:
         cont = eff[~eff.outcome.isin(["diverged", "collapsed"])]
         keep = [c for c in ["factor", "contrast", "outcome", "effect", "low", "high", "p", "n",
-                            "paired", "dropped", "mean_off", "mean_on", "aliases"] if c in cont]
+                            "paired", "dropped", "mean_off", "mean_on", "aliases"]
+                if c in cont and not (factorial and c == "paired")]  # model effects: no pairs
         lines += ["## Main effects", "", analysis.to_markdown(cont[keep]), "",
                   "## Rate differences (on minus off)", "",
                   analysis.to_markdown(eff[eff.outcome.isin(["diverged", "collapsed"])][

@@ -106,7 +106,7 @@ def test_verdicts_follow_the_evidence():
     assert v.loc["plain_residual", "verdict"] == "supported"
     assert v.loc["bias_init", "verdict"] == "inconclusive"
     assert "/24 vs" in v.loc["plain_residual", "evidence"]
-    assert "does not agree" in analysis.critical_agreement(v.reset_index())
+    assert "neither confirm nor contradict" in analysis.critical_agreement(v.reset_index())
     v = analysis.verdicts(analysis.main_effects(calm, FACTORS), calm).set_index("fix")
     assert set(v["verdict"]) == {"untested"}
     assert "0/24 vs 0/24" in v.loc["bias_init", "reason"]
