@@ -211,9 +211,10 @@ def model_terms(spec: StudySpec) -> tuple[int, str]:
     """(parameters of the analysis model per replicate, alias text) of a factorial design."""
     from ablations import effects
 
-    names = [f.name for f in spec.factors]
+    names = [f.name for f in spec.design_factors]
     if spec.design == "fractional_factorial":
-        aliases = effects.aliases_from_note(designs.describe_fraction(spec.factors, spec.fraction), names)
+        aliases = effects.aliases_from_note(designs.describe_fraction(spec.design_factors,
+                                                                      spec.fraction), names)
     else:
         aliases = effects.Aliases(tuple(names))
     est = aliases.estimable(2)
@@ -255,11 +256,12 @@ def plan(spec: StudySpec, tracking_uri: str, target_effect: Optional[float] = No
     out.append(f"power (80 %, two-sided alpha 0.05; {sd_note}):")
     seeds = len(spec.seeds)
     cells = len(runs) // max(1, seeds)
+    n_stress, n_regimes = stress_counts(spec)
     if spec.design == "one_at_a_time":
         d = detectable_paired(sd, seeds)
         out.append(f"  smallest F1 effect: {_f(d)} (add-one-in / leave-one-out, paired over "
                    f"{seeds} seeds)")
-        n_arm = seeds
+        n_arm = seeds * n_stress // n_regimes  # the rates are compared per regime
         need = _seeds_for(target_effect, lambda s: detectable_paired(sd, s))
     else:  # factors with more than two levels: a cell-means model (one term per cell)
         p = model_terms(spec)[0] if all(len(f.values) == 2 for f in spec.factors) else cells
@@ -269,10 +271,13 @@ def plan(spec: StudySpec, tracking_uri: str, target_effect: Optional[float] = No
                    f"df)" if n > p else
                    f"  smallest F1 effect: not computable with {seeds} seed(s): no residual df "
                    f"(Lenth's method and the half-normal plot only); use 2 or more seeds")
-        n_arm = n // 2
+        n_arm = n // 2 // n_regimes
         need = _seeds_for(target_effect, lambda s: detectable_effect(sd, cells * s, cells * s - p))
+    if spec.stress_factors:
+        out.append(f"  stress: divergence and collapse rates compared per regime ({n_regimes}), "
+                   f"over the ladder's runs and seeds")
     rise, half = detectable_rate(n_arm)
-    m = 2 * sum(f.kind == "fix" for f in spec.factors)
+    m = 2 * sum(f.kind == "fix" for f in spec.design_factors) * n_regimes
     rise_h, half_h = detectable_rate(n_arm, alpha=ALPHA / max(1, m))
     out.append(f"  smallest divergence/collapse rate difference ({n_arm} vs {n_arm} runs, "
                f"normal approx. on Cohen's h): 0 % -> {rise:.0%}, or +-{half:.0%} around 50 %; "
@@ -296,6 +301,17 @@ def preamble(spec: StudySpec, tracking_uri: str) -> list[str]:
             (f.name, f.values[0] if f.values else f.range.low) for f in spec.factors)),
             spec.seeds[0]).to_dict()]
     return design_lines(spec) + [wall_time_line(spec, stored, where, configs)]
+
+
+def stress_counts(spec: StudySpec) -> tuple[int, int]:
+    """(stress combinations per design cell, regimes): a regime is a combination of the stress
+    factors other than the axis (lr, else the first numeric one; see ablations/stability.py)."""
+    stress = spec.stress_factors
+    n = math.prod(len(f.values) for f in stress) if stress else 1
+    numeric = [f for f in stress if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        for v in f.values)]
+    axis = next((f for f in stress if f.name == "lr"), numeric[0] if numeric else None)
+    return n, n // len(axis.values) if axis else n
 
 
 def _seeds_for(target: Optional[float], detectable) -> Optional[int]:
@@ -322,13 +338,19 @@ def design_lines(spec: StudySpec) -> list[str]:
     cells = len(designs.cells(spec))
     head = f"design: {spec.design}"
     if spec.design == "fractional_factorial":
-        head += " " + designs.describe_fraction(spec.factors, spec.fraction)
-    out = [head, f"  {cells} cells x {seeds} seeds = {cells * seeds} runs"]
+        head += " " + designs.describe_fraction(spec.design_factors, spec.fraction)
+    out = [head]
+    if spec.stress_factors:
+        n_stress = stress_counts(spec)[0]
+        out.append(f"  {cells // n_stress} design cells x {n_stress} stress combinations ("
+                   + " x ".join(f"{f.name} {len(f.values)}" for f in spec.stress_factors)
+                   + f") = {cells} cells")
+    out.append(f"  {cells} cells x {seeds} seeds = {cells * seeds} runs")
     if spec.design in ("full_factorial", "fractional_factorial") and all(
             len(f.values) == 2 for f in spec.factors):
         p, alias_text = model_terms(spec)
-        out.append(f"  model: {p} terms (mean, {len(spec.factors)} main effects, "
-                   f"{p - 1 - len(spec.factors)} two-factor interaction sets); "
+        out.append(f"  model: {p} terms (mean, {len(spec.design_factors)} main effects, "
+                   f"{p - 1 - len(spec.design_factors)} two-factor interaction sets); "
                    f"{cells * seeds - p} residual df")
         out.append("  aliases (up to three-factor terms):\n" + alias_text if alias_text else
                    "  aliases: none up to three-factor terms (main effects and two-factor "
