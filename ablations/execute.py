@@ -37,23 +37,24 @@ import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from ablations import designs
+from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING  # noqa: F401 (re-exported)
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
+from ablations.torch_setup import child_env
 from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
                                is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
-from ablations.tracking import StudyTracker, check_reachable, fix_states, tracking_transient
 from model.config import HighLearningRateWarning, TrainConfig
-from model.train import TrainResult, train
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
-DEFAULT_TRACKING = "sqlite:///mlflow.db"  # MLflow's own default store
+if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
+    from ablations.tracking import StudyTracker
+    from model.train import TrainResult
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on every MLflow run
 
@@ -229,6 +230,8 @@ def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: Trai
                      + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
                        f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
                        f"`nonfinite_events.csv`).")
+    from ablations.tracking import fix_states
+
     states = fix_states(cfg)
     by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
     lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
@@ -241,6 +244,8 @@ def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: Trai
 def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
+    from model.train import train
+
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
@@ -334,6 +339,8 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
 
 def is_outage(e: BaseException) -> bool:
     """The stores failed (retries spent), not the run: a storage or tracking outage."""
+    from ablations.tracking import tracking_transient
+
     return is_transient(e) or tracking_transient(e)
 
 
@@ -486,6 +493,8 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     `ctx.wait`, waits while other workers still have runs in flight, so a run whose worker is
     killed is re-run by a survivor instead of waiting for the next launch.
     """
+    from ablations.tracking import StudyTracker
+
     if ctx.threads:
         import torch
 
@@ -624,6 +633,8 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            out=sys.stdout, device: Optional[str] = None,
            threads: Optional[int] = None) -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
+    from ablations.tracking import StudyTracker
+
     _check_tracking(tracking_uri)
     storage, study = _open_study(spec, storage_url, create=True)
     if study.direction.name.lower() != spec.direction:
@@ -707,6 +718,8 @@ def worker_context(ctx: WorkerContext, i: int) -> WorkerContext:
 
 
 def _check_tracking(tracking_uri: str) -> None:
+    from ablations.tracking import check_reachable
+
     try:
         check_reachable(tracking_uri)
     except Exception as e:
@@ -745,6 +758,8 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
          threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
+    from ablations.tracking import StudyTracker
+
     _open_study(spec, storage_url, create=False)
     if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
         raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: no such MLflow store; use the tracking "
@@ -776,8 +791,9 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
     seen = {t.number for t in study.get_trials(deepcopy=False)
             if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
     lock, stop = threading.Lock(), threading.Event()
-    for p in procs:
-        p.start()
+    with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
+        for p in procs:
+            p.start()
 
     def poll() -> None:
         with lock:
