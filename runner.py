@@ -119,6 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
     spec = _load_spec(args.study)
+    runs = _plan_size(spec)
+    if runs > MAX_RUNS and not args.yes:
+        raise _BadInput(f"{args.study}: {runs} runs is over {MAX_RUNS}: check the design (a long "
+                        f"value list?), or pass --yes to queue them all")
     from ablations.execute import StoreError, launch  # (after the checks: errors come fast)
 
     _sigterm_is_ctrl_c()
@@ -143,6 +147,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if res.interrupted:
         return 130
     return 0 if res.done >= res.total and not res.gave_up else 1
+
+
+MAX_RUNS = 20_000  # a design this big is more likely a typo than a plan: `run` asks for --yes
+
+
+def _plan_size(spec) -> int:
+    """Print the plan's size first (a big design is then not silent), and return its runs."""
+    from ablations.designs import cells
+
+    if spec.design == "search":
+        runs = (spec.trials or 0) * len(spec.seeds)
+        print(f"plan: {spec.trials} trials x {len(spec.seeds)} seeds = {runs} runs", flush=True)
+    else:
+        n = len(cells(spec))
+        runs = n * len(spec.seeds)
+        print(f"plan: {n} cells x {len(spec.seeds)} seeds = {runs} runs", flush=True)
+    return runs
 
 
 def _print_summary(spec, summary: list[dict]) -> None:
@@ -302,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "`runner.py worker` processes started here or on other machines")
     r.add_argument("--report-dir", default=None, help="where the report goes (default reports/NAME)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.add_argument("--yes", action="store_true",
+                   help=f"queue a design of more than {MAX_RUNS} runs (refused without it)")
     r.add_argument("--device", default=None,
                    help="run every run on this device (cpu, cuda, cuda:N), or share out a list "
                         "between the local workers (cuda:0,cuda:1); default: the study's")

@@ -47,9 +47,11 @@ from ablations import designs
 from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING  # noqa: F401 (re-exported)
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
+from ablations.storage import (StoreError, StoreUnavailable, adopt_trial, describe_error,
+                               finished_trial_ids, heartbeat_s, is_transient, open_storage,
+                               queue_lock, rdb, safe_url, stale_trials, trial_states_by_user_attr,
+                               waiting_trial_ids)
 from ablations.torch_setup import child_env
-from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
-                               is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
 from model.config import HighLearningRateWarning, TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
@@ -85,9 +87,15 @@ class QueueState:
     """Where every run of the plan stands, from the study's trials."""
 
     done: list[str] = field(default_factory=list)  # run keys with a COMPLETE trial
-    pending: list[str] = field(default_factory=list)  # WAITING or RUNNING
+    running: list[str] = field(default_factory=list)  # RUNNING (a worker's, maybe a lost one's)
+    queued: list[str] = field(default_factory=list)  # WAITING before this call
     gave_up: list[str] = field(default_factory=list)  # crashed more than `retries` times
     enqueued: list[str] = field(default_factory=list)  # enqueued by this call
+
+    @property
+    def pending(self) -> list[str]:
+        """Runs that will finish without being enqueued again: RUNNING or WAITING."""
+        return self.running + self.queued
 
 
 def _attempts(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -104,15 +112,21 @@ def _trials_by_key(study: optuna.Study) -> dict[str, list[optuna.trial.FrozenTri
     return out
 
 
-def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+def _queue_entry(spec: StudySpec, run: Run, attempt: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run as an enqueued trial: its fixed params and its user attrs."""
     params: dict[str, Any] = {f.name: f.label(v) for f, (_, v) in zip(spec.factors,
                                                                       run.cell.assignment)}
     params["seed"] = run.seed
-    study.enqueue_trial(params, user_attrs={
+    return params, {
         "enqueue_id": uuid.uuid4().hex,  # lets a retried enqueue find itself instead of doubling
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
         "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
-        "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())})
+        "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())}
+
+
+def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+    params, attrs = _queue_entry(spec, run, attempt)
+    study.enqueue_trial(params, user_attrs=attrs)
 
 
 def close_orphans(study: optuna.Study, tracker: StudyTracker) -> int:
@@ -149,17 +163,22 @@ def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run],
     fail_lost(study, tracker)
     by_key = _trials_by_key(study)
     state = QueueState()
+    entries = []
     for run in plan:
         ts = by_key.get(run.run_key, [])
         if any(t.state == TrialState.COMPLETE for t in ts):
             state.done.append(run.run_key)
-        elif any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
-            state.pending.append(run.run_key)
+        elif any(t.state == TrialState.RUNNING for t in ts):
+            state.running.append(run.run_key)
+        elif any(t.state == TrialState.WAITING for t in ts):
+            state.queued.append(run.run_key)
         elif _attempts(ts) > spec.retries:
             state.gave_up.append(run.run_key)
         else:
-            enqueue_run(study, spec, run, attempt=_attempts(ts) + 1)
+            entries.append(_queue_entry(spec, run, attempt=_attempts(ts) + 1))
             state.enqueued.append(run.run_key)
+    # in one transaction: one by one, a 10 000-run design took minutes (storage.enqueue_trials)
+    rdb(study._storage).enqueue_trials(study._study_id, entries)
     return state
 
 
@@ -207,6 +226,21 @@ class Heartbeat:
         self.stop.set()
 
 
+def __getattr__(name: str) -> Any:
+    """`execute.train` is model.train.train, imported (with torch) on first use: `status` and
+    the queue do not need torch (PEP 562; tests replace it with monkeypatch)."""
+    if name == "train":
+        from model.train import train
+
+        globals()["train"] = train
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _train() -> Callable[..., TrainResult]:
+    return globals().get("train") or __getattr__("train")
+
+
 def objective_value(spec: StudySpec, res: TrainResult) -> float:
     v = res.outcome()[spec.objective_metric]
     return v if math.isfinite(v) else spec.diverged_value()
@@ -244,8 +278,6 @@ def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: Trai
 def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
-    from model.train import train
-
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
@@ -257,7 +289,7 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
     trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
                         child.run_id)
     try:
-        res = train(cfg, log=child.log)
+        res = _train()(cfg, log=child.log)
         child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)})
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
@@ -445,15 +477,19 @@ def _pop(study: optuna.Study) -> Optional[int]:
     are checked, and the next claimer beats again)."""
     storage = study._storage
     beat = bool(rdb(storage).heartbeat_interval)
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        if beat:
-            storage.record_heartbeat(t._trial_id)
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return t._trial_id
-        except UpdateFinishedTrialError:  # finished by someone else meanwhile
-            continue
-    return None
+    while True:
+        waiting = waiting_trial_ids(storage, study._study_id)
+        for trial_id in waiting:
+            if beat:
+                storage.record_heartbeat(trial_id)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    adopt_trial(storage, study._study_id, trial_id)
+                    return trial_id
+            except UpdateFinishedTrialError:  # finished by someone else meanwhile
+                continue
+        if not waiting:
+            return None
 
 
 def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optional[optuna.Trial]:
@@ -471,12 +507,13 @@ def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optiona
             if spec.design == "search":
                 return trial
             key = trial.user_attrs.get("run_key")
-            others = [t for t in _trials_by_key(study).get(key, []) if t._trial_id != trial_id]
+            others = [state for tid, state in trial_states_by_user_attr(
+                storage, study._study_id, "run_key", key).items() if tid != trial_id]
             why = ("not a run of the current study file" if key not in plan_keys else
                    "this run already has a COMPLETE trial"
-                   if any(t.state == TrialState.COMPLETE for t in others) else
+                   if TrialState.COMPLETE in others else
                    "this run is already running in another worker"
-                   if any(t.state == TrialState.RUNNING for t in others) else None)
+                   if TrialState.RUNNING in others else None)
             if not why:
                 trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
                 return trial
@@ -666,8 +703,9 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                 "runs_total": total, "workers": workers})
     print(f"study {spec.name}: {spec.design}, {len(spec.factors)} factors, "
           f"{total} {'trials' if spec.design == 'search' else 'runs'} "
-          f"({already} done, {len(state.pending)} in flight elsewhere, "
-          f"{len(state.gave_up)} given up); {workers} worker(s)", file=out, flush=True)
+          f"({already} done, {len(state.running)} in flight elsewhere, "
+          f"{len(state.queued) + len(state.enqueued)} queued, {len(state.gave_up)} given up); "
+          f"{workers} worker(s)", file=out, flush=True)
 
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
@@ -788,18 +826,18 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
     procs = [mp.Process(target=_worker_process, args=(worker_context(ctx, i),), daemon=False)
              for i in range(1, workers)]
     ctx = worker_context(ctx, 0)
-    seen = {t.number for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    seen = set(finished_trial_ids(study._storage, study._study_id))
     lock, stop = threading.Lock(), threading.Event()
     with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
         for p in procs:
             p.start()
 
     def poll() -> None:
-        with lock:
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-                if t.number not in seen:
-                    seen.add(t.number)
+        with lock:  # (not get_trials: it re-reads every queued trial, seconds for big designs)
+            for trial_id in finished_trial_ids(study._storage, study._study_id):
+                if trial_id not in seen:
+                    seen.add(trial_id)
+                    t = study._storage.get_trial(trial_id)
                     if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
                         continue
                     attrs = dict(t.user_attrs)
