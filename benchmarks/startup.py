@@ -81,7 +81,8 @@ def part_commands(codes: dict[str, Path], repeats: int, tmp: Path) -> None:
             for what, cmd in commands(code, works[name]).items():
                 times.setdefault((what, name), []).append(timed(cmd, works[name], code))
     floor = statistics.median(times[("import torch, mlflow", "-")])
-    print(f"  {'python -c \"import torch, mlflow\"':<34} {floor:6.2f}   (the old start's floor)")
+    label = 'python -c "import torch, mlflow"'
+    print(f"  {label:<34} {floor:6.2f}   (the old start's floor)")
     for what in commands(ROOT, tmp):
         row = {name: statistics.median(times[(what, name)]) for name in codes}
         text = "  ".join(f"{name} {v:6.2f}" for name, v in row.items())

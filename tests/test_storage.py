@@ -138,7 +138,11 @@ FIELDS = ("state", "params", "distributions", "system_attrs", "datetime_start",
 def test_bulk_enqueue_writes_what_enqueue_trial_writes(tmp_path):
     """enqueue_trials writes Optuna's own rows: the trials read back like enqueue_trial's, are
     numbered on, and Optuna's own pop (ask) takes them in order with their fixed params."""
-    storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
+    check_bulk_enqueue(f"sqlite:///{tmp_path}/o.db")
+
+
+def check_bulk_enqueue(url: str) -> None:
+    storage = st.open_storage(url)
     study = optuna.create_study(study_name="s", storage=storage)
     attrs = {"run_key": "k0", "seed": 0, "attempt": 1, "config": '{"lr": 0.001, "x": [1, 2]}'}
     study.enqueue_trial({"lr": "0.001", "seed": 0}, user_attrs={**attrs, "enqueue_id": "a"})
@@ -400,6 +404,20 @@ def test_run_with_no_workers_only_queues(tmp_path):
 @pytest.fixture
 def pg_url():
     yield from pgdb.fresh_database("unit")
+
+
+def test_postgres_bulk_enqueue_and_the_queue_queries(pg_url):
+    """The same rows on PostgreSQL (one INSERT ... RETURNING for the trials), and the claim's
+    queries: the oldest waiting trials, the states of one run's trials."""
+    check_bulk_enqueue(pg_url)
+    storage = st.open_storage(pg_url)
+    study = optuna.load_study(study_name="s", storage=storage)
+    storage.enqueue_trials(study._study_id, [({"x": i}, {"run_key": f"r{i % 2}"}) for i in range(4)])
+    ids = st.waiting_trial_ids(study._storage, study._study_id, limit=3)
+    assert ids == sorted(ids) and len(ids) == 3
+    assert [storage.get_trial(i).number for i in ids] == [3, 4, 5]
+    states = st.trial_states_by_user_attr(study._storage, study._study_id, "run_key", "r1")
+    assert len(states) == 2 and set(states.values()) == {TrialState.WAITING}
 
 
 def test_postgres_queue_lock_is_held_by_one_holder_at_a_time(pg_url):
