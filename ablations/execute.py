@@ -847,8 +847,9 @@ class _EarlyWorkers:
 
     def start(self, contexts: list[WorkerContext]) -> None:
         for conn, ctx in zip(self.conns, contexts):
-            conn.send(ctx)
-            conn.close()
+            with contextlib.suppress(OSError):  # one that died starting is one worker fewer
+                conn.send(ctx)
+                conn.close()
         self.conns = []
 
     def cancel(self) -> None:
@@ -874,6 +875,7 @@ def _early_worker(conn: Any) -> None:
     try:
         import ablations.tracking  # noqa: F401 - MLflow: the slow part, overlapped with the launch
         import model.train  # noqa: F401 - torch
+        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (1-3 s)
         ctx = conn.recv()
     except (EOFError, OSError, KeyboardInterrupt):  # the launch went away or was interrupted
         return

@@ -8,10 +8,11 @@
    Reference: `python -c "import torch, mlflow"`, the floor of the old import-everything start.
    With --old-rev, the same commands on that commit's code too (a `git archive` in a temporary
    directory), side by side, with ratios.
-2. Worker start: `runner.py run --workers 2` on a tiny 8-run study (fresh SQLite stores): from
-   the command's start to each worker's first claimed run (its first trial's datetime_start;
-   the spawned worker is the one whose `worker` attribute is not the launching process). Its
-   first training step follows within ~0.1 s (data for 4 tiny songs, MLflow child run).
+2. Worker start: `runner.py run --workers 2` on a small 16-run study (fresh SQLite stores, runs
+   of 80 steps on a small model, long enough that the spawned worker gets runs too): from the
+   command's start to each worker's first claimed run (its first trial's datetime_start; the
+   launching process claims first). Its first training step follows within ~0.1 s (data for 8
+   small songs, the MLflow child run).
    With --old-rev, the old code as well.
 The machine is shared: the load average is printed; compare ratios measured in one run.
 """
@@ -49,6 +50,18 @@ def timed(cmd: list[str], cwd: Path, code: Path) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=600)
     return time.perf_counter() - t
+
+
+WORKERS_STUDY = """\
+name: tiny
+design: full_factorial
+factors:
+  plain_residual: [off, on]
+  lr: [1e-4, 3e-3]
+seeds: 4
+base: {n_songs: 8, frames: 256, hidden_dim: 16, n_blocks: 2, epochs: 2, steps_per_epoch: 40,
+       device: cpu}
+"""
 
 
 def commands(code: Path, work: Path) -> dict[str, list[str]]:
@@ -98,7 +111,7 @@ def first_claims(code: Path, work: Path) -> tuple[float, float]:
 
     import optuna
 
-    (work / "tiny.yaml").write_text(TINY)
+    (work / "tiny.yaml").write_text(WORKERS_STUDY)
     t0 = datetime.datetime.now()
     subprocess.run([sys.executable, str(code / "runner.py"), "run", "tiny.yaml", "--workers", "2",
                     "--no-report", "--storage", f"sqlite:///{work}/optuna.db", "--tracking-uri",
@@ -116,7 +129,7 @@ def first_claims(code: Path, work: Path) -> tuple[float, float]:
 
 
 def part_workers(codes: dict[str, Path], repeats: int, tmp: Path) -> None:
-    print(f"\n2. `runner.py run --workers 2`, tiny 8-run study: seconds from the command's start to "
+    print(f"\n2. `runner.py run --workers 2`, a small 16-run study: seconds from the command's start to "
           f"each worker's first claimed run (median of {repeats})")
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in codes}
     for r in range(repeats):
