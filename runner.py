@@ -13,16 +13,25 @@
 Exit codes: 0 done, 1 runs failed (or a store went away past the retries), 2 bad input,
 130 interrupted. This file only parses, calls ablations/ and model/, prints and exits; the work
 happens there.
+
+Start-up is kept short: this module imports only the standard library and light modules, and
+each command imports what it needs (torch, MLflow, Optuna) inside its function, so `fixes`,
+`--help`, `status` and argument errors do not pay for torch and MLflow (tests/test_startup.py).
+A new command should do the same.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import sys
-import time
-import warnings
-from pathlib import Path
+from ablations.torch_setup import calm_openmp
+
+calm_openmp()  # before anything can load torch (and its OpenMP runtime): see ablations/torch_setup.py
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -116,15 +125,19 @@ def cmd_fixes(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ablations.execute import StoreError, launch
-
-    spec = _load_spec(args.study)
-    _sigterm_is_ctrl_c()
     if args.workers < 0:
         raise _BadInput(f"--workers {args.workers}: must be >= 0 (0: only queue the runs)")
+    spec = _load_spec(args.study)
+    runs = _plan_size(spec)
+    if runs > MAX_RUNS and not args.yes:
+        raise _BadInput(f"{args.study}: {runs} runs is over {MAX_RUNS}: check the design (a long "
+                        f"value list?), or pass --yes to queue them all")
     from ablations.power import preamble
 
     print("\n".join(preamble(spec, args.tracking_uri)), flush=True)
+    from ablations.execute import StoreError, launch  # (after the checks: errors come fast)
+
+    _sigterm_is_ctrl_c()
     try:
         res = launch(spec, args.storage, args.tracking_uri, args.workers,
                      device=_device(args.device, several=True))
@@ -146,6 +159,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if res.interrupted:
         return 130
     return 0 if res.done >= res.total and not res.gave_up else 1
+
+
+MAX_RUNS = 20_000  # a design this big is more likely a typo than a plan: `run` asks for --yes
+
+
+def _plan_size(spec) -> int:
+    """Print the plan's size first (a big design is then not silent), and return its runs."""
+    from ablations.designs import cells
+
+    if spec.design == "search":
+        runs = (spec.trials or 0) * len(spec.seeds)
+        print(f"plan: {spec.trials} trials x {len(spec.seeds)} seeds = {runs} runs", flush=True)
+    else:
+        n = len(cells(spec))
+        runs = n * len(spec.seeds)
+        print(f"plan: {n} cells x {len(spec.seeds)} seeds = {runs} runs", flush=True)
+    return runs
 
 
 def _print_summary(spec, summary: list[dict]) -> None:
@@ -199,9 +229,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.study)
     from ablations.execute import StoreError, study_status
 
-    spec = _load_spec(args.study)
     try:
         st = study_status(spec, args.storage)
     except StoreError as e:
@@ -246,15 +276,15 @@ def _device(device: str | None, several: bool = False) -> str | None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ablations.execute import (Progress, StoreError, count_done, join, load_study, plan_of,
-                                   study_status, threads_per_worker, work)
-    from ablations.storage import open_storage
-
-    spec = _load_spec(args.study)
     if args.threads is not None and args.threads < 1:
         raise _BadInput(f"--threads {args.threads}: must be >= 1")
     if args.local_workers < 1:
         raise _BadInput(f"--local-workers {args.local_workers}: must be >= 1")
+    spec = _load_spec(args.study)
+    from ablations.execute import (Progress, StoreError, count_done, join, load_study, plan_of,
+                                   study_status, threads_per_worker, work)
+    from ablations.storage import open_storage
+
     _sigterm_is_ctrl_c()
     try:
         ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
@@ -298,7 +328,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ablations.execute import DEFAULT_STORAGE, DEFAULT_TRACKING
+    from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
 
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -317,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "`runner.py worker` processes started here or on other machines")
     r.add_argument("--report-dir", default=None, help="where the report goes (default reports/NAME)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.add_argument("--yes", action="store_true",
+                   help=f"queue a design of more than {MAX_RUNS} runs (refused without it)")
     r.add_argument("--device", default=None,
                    help="run every run on this device (cpu, cuda, cuda:N), or share out a list "
                         "between the local workers (cuda:0,cuda:1); default: the study's")
@@ -390,7 +422,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line shows it: one line, no Python source line under it (the
+    category is named only for warnings that are not the plain or this project's kind)."""
+    text = " ".join(str(message).split())
+    ours = category is UserWarning or category.__module__.split(".")[0] in ("model", "ablations")
+    return f"warning: {text}" + ("" if ours else f" ({category.__name__})") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

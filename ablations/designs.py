@@ -17,6 +17,7 @@ TrainConfig, so the same run always has the same key whatever study or launch en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -75,7 +76,7 @@ class Run:
     seed: int
     config: TrainConfig
 
-    @property
+    @functools.cached_property  # (a launch reads it several times per run: 10 000-run plans)
     def run_key(self) -> str:
         return config_key(self.config)
 

@@ -37,23 +37,26 @@ import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from ablations import designs
+from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING  # noqa: F401 (re-exported)
 from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
-from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
-                               is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
-from ablations.tracking import StudyTracker, check_reachable, fix_states, tracking_transient
+from ablations.storage import (StoreError, StoreUnavailable, adopt_trial, describe_error,
+                               finished_trial_ids, heartbeat_s, is_transient, open_storage,
+                               queue_lock, rdb, safe_url, stale_trials, trial_states_by_user_attr,
+                               waiting_trial_ids)
+from ablations.torch_setup import child_env
 from model.config import HighLearningRateWarning, TrainConfig
-from model.train import TrainResult, train
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
-DEFAULT_TRACKING = "sqlite:///mlflow.db"  # MLflow's own default store
+if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
+    from ablations.tracking import StudyTracker
+    from model.train import TrainResult
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on every MLflow run
 
@@ -84,9 +87,15 @@ class QueueState:
     """Where every run of the plan stands, from the study's trials."""
 
     done: list[str] = field(default_factory=list)  # run keys with a COMPLETE trial
-    pending: list[str] = field(default_factory=list)  # WAITING or RUNNING
+    running: list[str] = field(default_factory=list)  # RUNNING (a worker's, maybe a lost one's)
+    queued: list[str] = field(default_factory=list)  # WAITING before this call
     gave_up: list[str] = field(default_factory=list)  # crashed more than `retries` times
     enqueued: list[str] = field(default_factory=list)  # enqueued by this call
+
+    @property
+    def pending(self) -> list[str]:
+        """Runs that will finish without being enqueued again: RUNNING or WAITING."""
+        return self.running + self.queued
 
 
 def _attempts(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -103,15 +112,21 @@ def _trials_by_key(study: optuna.Study) -> dict[str, list[optuna.trial.FrozenTri
     return out
 
 
-def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+def _queue_entry(spec: StudySpec, run: Run, attempt: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run as an enqueued trial: its fixed params and its user attrs."""
     params: dict[str, Any] = {f.name: f.label(v) for f, (_, v) in zip(spec.factors,
                                                                       run.cell.assignment)}
     params["seed"] = run.seed
-    study.enqueue_trial(params, user_attrs={
+    return params, {
         "enqueue_id": uuid.uuid4().hex,  # lets a retried enqueue find itself instead of doubling
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
         "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
-        "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())})
+        "seed": run.seed, "attempt": attempt, "config": json.dumps(run.config.to_dict())}
+
+
+def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+    params, attrs = _queue_entry(spec, run, attempt)
+    study.enqueue_trial(params, user_attrs=attrs)
 
 
 def close_orphans(study: optuna.Study, tracker: StudyTracker) -> int:
@@ -148,17 +163,22 @@ def reconcile(study: optuna.Study, spec: StudySpec, plan: list[Run],
     fail_lost(study, tracker)
     by_key = _trials_by_key(study)
     state = QueueState()
+    entries = []
     for run in plan:
         ts = by_key.get(run.run_key, [])
         if any(t.state == TrialState.COMPLETE for t in ts):
             state.done.append(run.run_key)
-        elif any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
-            state.pending.append(run.run_key)
+        elif any(t.state == TrialState.RUNNING for t in ts):
+            state.running.append(run.run_key)
+        elif any(t.state == TrialState.WAITING for t in ts):
+            state.queued.append(run.run_key)
         elif _attempts(ts) > spec.retries:
             state.gave_up.append(run.run_key)
         else:
-            enqueue_run(study, spec, run, attempt=_attempts(ts) + 1)
+            entries.append(_queue_entry(spec, run, attempt=_attempts(ts) + 1))
             state.enqueued.append(run.run_key)
+    # in one transaction: one by one, a 10 000-run design took minutes (storage.enqueue_trials)
+    rdb(study._storage).enqueue_trials(study._study_id, entries)
     return state
 
 
@@ -206,6 +226,21 @@ class Heartbeat:
         self.stop.set()
 
 
+def __getattr__(name: str) -> Any:
+    """`execute.train` is model.train.train, imported (with torch) on first use: `status` and
+    the queue do not need torch (PEP 562; tests replace it with monkeypatch)."""
+    if name == "train":
+        from model.train import train
+
+        globals()["train"] = train
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _train() -> Callable[..., TrainResult]:
+    return globals().get("train") or __getattr__("train")
+
+
 def objective_value(spec: StudySpec, res: TrainResult) -> float:
     v = res.outcome()[spec.objective_metric]
     return v if math.isfinite(v) else spec.diverged_value()
@@ -229,6 +264,8 @@ def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: Trai
                      + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
                        f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
                        f"`nonfinite_events.csv`).")
+    from ablations.tracking import fix_states
+
     states = fix_states(cfg)
     by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
     lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
@@ -252,7 +289,7 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
     trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
                         child.run_id)
     try:
-        res = train(cfg, log=child.log)
+        res = _train()(cfg, log=child.log)
         child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)})
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
@@ -334,6 +371,8 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
 
 def is_outage(e: BaseException) -> bool:
     """The stores failed (retries spent), not the run: a storage or tracking outage."""
+    from ablations.tracking import tracking_transient
+
     return is_transient(e) or tracking_transient(e)
 
 
@@ -439,15 +478,19 @@ def _pop(study: optuna.Study) -> Optional[int]:
     are checked, and the next claimer beats again)."""
     storage = study._storage
     beat = bool(rdb(storage).heartbeat_interval)
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        if beat:
-            storage.record_heartbeat(t._trial_id)
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return t._trial_id
-        except UpdateFinishedTrialError:  # finished by someone else meanwhile
-            continue
-    return None
+    while True:
+        waiting = waiting_trial_ids(storage, study._study_id)
+        for trial_id in waiting:
+            if beat:
+                storage.record_heartbeat(trial_id)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    adopt_trial(storage, study._study_id, trial_id)
+                    return trial_id
+            except UpdateFinishedTrialError:  # finished by someone else meanwhile
+                continue
+        if not waiting:
+            return None
 
 
 def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optional[optuna.Trial]:
@@ -465,12 +508,13 @@ def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optiona
             if spec.design == "search":
                 return trial
             key = trial.user_attrs.get("run_key")
-            others = [t for t in _trials_by_key(study).get(key, []) if t._trial_id != trial_id]
+            others = [state for tid, state in trial_states_by_user_attr(
+                storage, study._study_id, "run_key", key).items() if tid != trial_id]
             why = ("not a run of the current study file" if key not in plan_keys else
                    "this run already has a COMPLETE trial"
-                   if any(t.state == TrialState.COMPLETE for t in others) else
+                   if TrialState.COMPLETE in others else
                    "this run is already running in another worker"
-                   if any(t.state == TrialState.RUNNING for t in others) else None)
+                   if TrialState.RUNNING in others else None)
             if not why:
                 trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
                 return trial
@@ -487,6 +531,8 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     `ctx.wait`, waits while other workers still have runs in flight, so a run whose worker is
     killed is re-run by a survivor instead of waiting for the next launch.
     """
+    from ablations.tracking import StudyTracker
+
     if ctx.threads:
         import torch
 
@@ -625,6 +671,19 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            out=sys.stdout, device: Optional[str] = None,
            threads: Optional[int] = None) -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
+    early = _EarlyWorkers(workers - 1) if workers > 1 else None
+    try:
+        return _launch(spec, storage_url, tracking_uri, workers, out, device, threads, early)
+    finally:
+        if early is not None:
+            early.cancel()  # (those that were given their run context are not touched)
+
+
+def _launch(spec: StudySpec, storage_url: str, tracking_uri: str, workers: int, out,
+            device: Optional[str], threads: Optional[int],
+            early: Optional["_EarlyWorkers"]) -> LaunchResult:
+    from ablations.tracking import StudyTracker
+
     _check_tracking(tracking_uri)
     storage, study = _open_study(spec, storage_url, create=True)
     if study.direction.name.lower() != spec.direction:
@@ -660,8 +719,9 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
           + (f" x stress {', '.join(f.name for f in spec.stress_factors)}"
              if spec.stress_factors else "") + ", "
           f"{total} {'trials' if spec.design == 'search' else 'runs'} "
-          f"({already} done, {len(state.pending)} in flight elsewhere, "
-          f"{len(state.gave_up)} given up); {workers} worker(s)", file=out, flush=True)
+          f"({already} done, {len(state.running)} in flight elsewhere, "
+          f"{len(state.queued) + len(state.enqueued)} queued, {len(state.gave_up)} given up); "
+          f"{workers} worker(s)", file=out, flush=True)
 
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
@@ -677,7 +737,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
         elif workers == 1:
             work(worker_context(ctx, 0), on_done=progress, out=out)
         else:
-            _run_processes(ctx, workers, study, progress)
+            _run_processes(ctx, workers, study, progress, early)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: finished runs are kept, the runs in flight were re-queued; run the "
@@ -712,6 +772,8 @@ def worker_context(ctx: WorkerContext, i: int) -> WorkerContext:
 
 
 def _check_tracking(tracking_uri: str) -> None:
+    from ablations.tracking import check_reachable
+
     try:
         check_reachable(tracking_uri)
     except Exception as e:
@@ -750,6 +812,8 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
          threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
+    from ablations.tracking import StudyTracker
+
     _open_study(spec, storage_url, create=False)
     if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
         raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: no such MLflow store; use the tracking "
@@ -766,29 +830,89 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
                          threads=threads, device=device, wait=wait)
 
 
+class _EarlyWorkers:
+    """Local worker processes started as the launch starts, so that their imports (torch,
+    MLflow, Optuna: 5-15 s on a busy 2-core machine, most of a spawned worker's time before its
+    first run) overlap the launch's own set-up (the same imports, the stores, the queue)
+    instead of following it. Each waits for its WorkerContext, or None if the launch stopped
+    before it had one (then it exits)."""
+
+    def __init__(self, n: int):
+        mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
+            for _ in range(n):
+                ours, theirs = mp.Pipe()
+                p = mp.Process(target=_early_worker, args=(theirs,), daemon=False)
+                p.start()
+                theirs.close()
+                self.procs.append(p)
+                self.conns.append(ours)
+
+    def start(self, contexts: list[WorkerContext]) -> None:
+        for conn, ctx in zip(self.conns, contexts):
+            with contextlib.suppress(OSError):  # one that died starting is one worker fewer
+                conn.send(ctx)
+                conn.close()
+        self.conns = []
+
+    def cancel(self) -> None:
+        if not self.conns:
+            return
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+                conn.close()
+        self.conns = []
+        for p in self.procs:  # still importing: stop them now, the launch's error is waiting
+            p.join(timeout=0.5)
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=30)
+
+
+def _early_worker(conn: Any) -> None:
+    """Entry point of an early local worker: import what a run needs, then wait for the work."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    warnings.simplefilter("ignore")
+    try:
+        import ablations.tracking  # noqa: F401 - MLflow: the slow part, overlapped with the launch
+        import model.train  # noqa: F401 - torch
+        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (1-3 s)
+        ctx = conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):  # the launch went away or was interrupted
+        return
+    if ctx is not None:
+        _worker_process(ctx)
+
+
 def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
-                   progress: Callable[[dict[str, Any]], None]) -> None:
+                   progress: Callable[[dict[str, Any]], None],
+                   early: Optional[_EarlyWorkers] = None) -> None:
     """N local workers: this process and N-1 spawned ones; progress comes from polling the store.
 
     This process works too because it is warm (torch, MLflow and Optuna imported): a spawned
     worker spends 5-10 s importing and opening the stores before its first run, which is a
-    large share of a small study (benchmarks/worker_scaling.py).
+    large share of a small study (benchmarks/worker_scaling.py). Started early by `launch`
+    (`_EarlyWorkers`), its imports overlap the launch's set-up (benchmarks/startup.py).
     """
-    mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
-    procs = [mp.Process(target=_worker_process, args=(worker_context(ctx, i),), daemon=False)
-             for i in range(1, workers)]
+    contexts = [worker_context(ctx, i) for i in range(1, workers)]
+    if early is None:
+        early = _EarlyWorkers(workers - 1)
+    procs = early.procs
     ctx = worker_context(ctx, 0)
-    seen = {t.number for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    seen = set(finished_trial_ids(study._storage, study._study_id))
     lock, stop = threading.Lock(), threading.Event()
-    for p in procs:
-        p.start()
+    early.start(contexts)
 
     def poll() -> None:
-        with lock:
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-                if t.number not in seen:
-                    seen.add(t.number)
+        with lock:  # (not get_trials: it re-reads every queued trial, seconds for big designs)
+            for trial_id in finished_trial_ids(study._storage, study._study_id):
+                if trial_id not in seen:
+                    seen.add(trial_id)
+                    t = study._storage.get_trial(trial_id)
                     if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
                         continue
                     attrs = dict(t.user_attrs)

@@ -300,7 +300,9 @@ def preamble(spec: StudySpec, tracking_uri: str) -> list[str]:
         configs = [designs.resolve(spec, designs.Cell(tuple(
             (f.name, f.values[0] if f.values else f.range.low) for f in spec.factors)),
             spec.seeds[0]).to_dict()]
-    return design_lines(spec) + [wall_time_line(spec, stored, where, configs)]
+    # `run` has printed the plan's size already ("plan: ... runs"): not again here
+    lines = [ln for ln in design_lines(spec) if " seeds = " not in ln]
+    return lines + [wall_time_line(spec, stored, where, configs)]
 
 
 def stress_counts(spec: StudySpec) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
     name: quick                     # Optuna study and MLflow experiment name
     description: ...                # shown on the MLflow experiment
-    design: full_factorial          # | one_at_a_time | {type: fractional_factorial, fraction: 1}
+    design: full_factorial          # | one_at_a_time | {type: fractional_factorial, fraction: 1/4}
                                     # | {type: search, sampler: tpe|random}
     factors:                        # a named fix (see `runner.py fixes`) takes [off, on];
       layer_norm: [off, on]         # any TrainConfig field takes a list of values, or for
@@ -134,14 +134,41 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        where = f"on line {first} twice" if first == again else f"on lines {first} and {again}"
+        super().__init__(f"duplicate key {key!r} {where} (in the same mapping); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keys must be unique in a mapping; PyYAML keeps the last one silently (a second `lr`
+    in `base` would win unseen). This loader refuses the file instead, naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error below
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> StudySpec:
     """Read and validate a study file. `overrides` replaces top-level keys (tests shrink studies)."""
     path = Path(path)
     where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise SpecError(f"{where}: no such study file") from None
+    except _DuplicateKey as e:
+        raise SpecError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -188,15 +215,12 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
     if design not in DESIGNS:
         raise err("design" + (".type" if isinstance(design_raw, dict) else ""),
                   f"must be one of {', '.join(DESIGNS)}, got {design!r}")
-    allowed_opts = {"fractional_factorial": ("fraction",), "search": ("sampler",)}.get(design, ())
+    allowed_opts = {"fractional_factorial": ("fraction", "runs"),
+                    "search": ("sampler",)}.get(design, ())
     for k in design_opts:
         if k not in allowed_opts:
             raise err(f"design.{k}", f"unknown option for {design}; allowed: "
                                      f"{', '.join(('type',) + allowed_opts)}")
-    fraction = design_opts.get("fraction", 1 if design == "fractional_factorial" else 0)
-    if design == "fractional_factorial" and (not isinstance(fraction, int) or isinstance(fraction, bool)
-                                             or fraction < 1):
-        raise err("design.fraction", f"must be an integer p >= 1 (a 2^(k-p) design), got {fraction!r}")
     sampler = design_opts.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise err("design.sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -282,13 +306,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
                 raise err(key, f"value {format_value(value)}: {str(e)}") from None
         stress.append(factor)
 
-    if design == "fractional_factorial":
-        from ablations.designs import fractional_generators
-
-        try:
-            fractional_generators(len(factors), fraction)
-        except ValueError as e:
-            raise err("design.fraction", str(e)) from None
+    fraction = _fraction_p(design_opts, len(factors), err) if design == "fractional_factorial" else 0
 
     # seeds
     seeds_raw = raw["seeds"]
@@ -343,9 +361,55 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
 
     return StudySpec(name=name, description=description.strip(), design=design,
                      factors=tuple(factors) + tuple(stress), seeds=seeds, baseline=baseline, base=coerced_base,
-                     objective_metric=metric, direction=direction, fraction=fraction if
-                     design == "fractional_factorial" else 0, sampler=sampler, trials=trials,
+                     objective_metric=metric, direction=direction, fraction=fraction,
+                     sampler=sampler, trials=trials,
                      minutes=minutes, retries=retries, source=where)
+
+
+def _fraction_p(opts: dict[str, Any], k: int, err) -> int:
+    """p of the 2^(k-p) design from `fraction: 1/4` (the share of the full design's runs; also
+    0.25), `runs: 16`, or the older `fraction: 2` (the integer p itself: 2 means a quarter)."""
+    from ablations.designs import fractional_generators
+
+    def possible() -> str:
+        ok = []
+        for p in range(1, k):
+            try:
+                fractional_generators(k, p)
+                ok.append(f"1/{2 ** p} ({2 ** (k - p)} runs)")
+            except ValueError:
+                pass
+        return (f"possible for {k} two-level factors at resolution IV or higher: "
+                + (", ".join(ok) if ok else "none (a fractional design needs at least 4 factors)"))
+
+    if "fraction" in opts and "runs" in opts:
+        raise err("design", "give fraction or runs, not both")
+    key = "design.runs" if "runs" in opts else "design.fraction"
+    raw = opts.get("runs", opts.get("fraction", 1))
+    p: Optional[int] = None
+    if "runs" in opts:
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1 and raw & (raw - 1) == 0:
+            p = k - (raw.bit_length() - 1)
+    elif isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        p = raw  # the integer form: p itself
+    else:
+        share = raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*1\s*/\s*[0-9]+\s*", raw):
+            share = 1 / int(raw.split("/")[1]) if int(raw.split("/")[1]) else None
+        if isinstance(share, float) and 0 < share < 1:
+            q = round(-math.log2(share))
+            p = q if q >= 1 and 2.0 ** -q == share else None
+    if p is None or not 1 <= p < k:
+        form = ("a power of two, 2^(k-p) runs" if "runs" in opts else
+                "1/2, 1/4, 1/8, ... (the share of the full design's runs), or the integer p of "
+                "2^(k-p)")
+        raise err(key, f"{raw!r} is not a possible fraction: use {form}; {possible()}")
+    try:
+        fractional_generators(k, p)
+    except ValueError:
+        raise err(key, f"{raw!r} (a 2^({k}-{p}) design of {2 ** (k - p)} runs) is not possible: "
+                       f"{possible()}") from None
+    return p
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -124,3 +124,29 @@ def test_cli_unreachable_tracking_server_fails_fast(tmp_path):
     assert "--tracking-uri http://127.0.0.1:9" in line and "cannot reach" in line
     assert not (tmp_path / "optuna.db").exists()  # failed before the study was even created
     assert "[1/8]" not in p.stdout
+
+
+def test_cli_prints_the_plan_size_first_and_refuses_a_huge_design_without_yes(tmp_path):
+    """A 20 002-run design (a seed count with a stray digit) stops before any store is made,
+    after saying how big it is; --yes lets it through (to the next check here: no tracking
+    server on port 9)."""
+    (tmp_path / "huge.yaml").write_text(TINY.replace("  lr: [1e-4, 3e-3]\n", "")
+                                        .replace("seeds: 2", "seeds: 10001"))
+    args = ("run", "huge.yaml", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", "http://127.0.0.1:9")
+    p = runner(tmp_path, *args)
+    line = one_line_error(p)
+    assert p.stdout.splitlines() == ["plan: 2 cells x 10001 seeds = 20002 runs"]
+    assert "20002 runs is over 20000" in line and "--yes" in line
+    assert not (tmp_path / "optuna.db").exists()
+    p = runner(tmp_path, *args, "--yes", timeout=120)
+    assert "cannot reach" in one_line_error(p)
+
+
+def test_cli_plan_size_of_a_search_design(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\ndesign: search\nfactors: {lr: {low: 1e-4, high: "
+                                     "1e-2}}\nseeds: 3\nbudget: {trials: 5}\n")
+    p = runner(tmp_path, "run", "s.yaml", "--workers", "0", "--storage",
+               f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", "http://127.0.0.1:9")
+    assert p.stdout.splitlines()[0] == "plan: 5 trials x 3 seeds = 15 runs"
+    assert "cannot reach" in one_line_error(p)

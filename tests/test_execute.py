@@ -450,6 +450,20 @@ def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, 
     assert st["diverged"] == 2 and st["done"] == 2
 
 
+def test_a_relaunch_counts_runs_in_flight_and_queued_runs_apart(stores, tmp_path):
+    """After `run --workers 2` was killed with 2 runs in flight and the rest queued, the next
+    launch said "17 in flight elsewhere" for 2 in flight + 15 queued. It must count them apart."""
+    spec = load_spec(write_study(tmp_path, "counted", GRID_2X2))
+    _, out = stores.launch(spec, workers=0)
+    assert "(0 done, 0 in flight elsewhere, 8 queued, 0 given up)" in out
+    study = execute.load_study(spec, execute.open_storage(stores.storage))
+    keys = {r.run_key for r in designs.runs(spec)}
+    for _ in range(2):  # two workers claimed a run each, then were killed (heartbeats fresh)
+        assert execute._claim(study, spec, keys) is not None
+    _, out = stores.launch(spec, workers=0)
+    assert "(0 done, 2 in flight elsewhere, 6 queued, 0 given up)" in out
+
+
 def test_runs_queued_by_an_older_version_of_the_study_are_not_run(stores, monkeypatch):
     """Interrupted under one study file, resumed under an edited one: the old queue is dropped
     (FAIL, orphaned), only the current file's runs train and count."""
@@ -474,6 +488,20 @@ def test_runs_queued_by_an_older_version_of_the_study_are_not_run(stores, monkey
 
 # ---------------------------------------------------------------------------- workers
 @pytest.mark.slow  # ~20 s on a busy 2-core machine: two spawned processes import torch and MLflow
+def test_early_worker_processes_stop_when_the_launch_fails_first(stores, tmp_path):
+    """`launch(workers=2)` starts its second worker at once, to import while the launch sets
+    up; a launch that then fails (no tracking server) stops it: no process is left behind."""
+    import multiprocessing
+
+    spec = load_spec(write_study(tmp_path, "early", GRID_2X2))
+    t0 = time.monotonic()
+    with pytest.raises(execute.StoreError, match="cannot reach the tracking store"):
+        execute.launch(spec, storage_url=stores.storage, tracking_uri="http://127.0.0.1:9",
+                       workers=2, out=io.StringIO())
+    assert multiprocessing.active_children() == []
+    assert time.monotonic() - t0 < 60
+
+
 def test_two_worker_processes_run_every_run_once(stores):
     spec = load_spec(write_study(stores.dir, "workers2", GRID_2X2))
     t0 = time.perf_counter()

@@ -356,3 +356,72 @@ def test_cli_run_bad_study_exits_2_with_one_line(tmp_path, case):
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("error: ") and str(path) in lines[0]
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------- rough edges: duplicate keys, fraction
+@pytest.mark.parametrize("text,key,lines", [
+    (GOOD + "name: other\n", "name", "on lines 1 and 8"),
+    (GOOD.replace("base: {epochs: 2}", "base:\n  lr: 1e-4\n  epochs: 2\n  lr: 1e-3"), "lr",
+     "on lines 8 and 10"),
+    (GOOD.replace("  lr: [1e-4, 1e-3]\n", "  lr: [1e-4, 1e-3]\n  layer_norm: [on, off]\n"),
+     "layer_norm", "on lines 4 and 6"),
+    (GOOD.replace("base: {epochs: 2}", "base: {epochs: 2, epochs: 3}"), "epochs",
+     "on line 7 twice"),
+], ids=["top_level_name", "lr_in_base", "factor", "flow_mapping"])
+def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys silently; a study file must not."""
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert str(e.value) == (f"{path}: duplicate key {key!r} {lines} (in the same mapping); "
+                            f"keep one")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    """`<<: {...}` then a key of the merged mapping is YAML's way to override, not a duplicate."""
+    spec = load_spec(write(tmp_path, GOOD.replace(
+        "base: {epochs: 2}", "base:\n  <<: {epochs: 2, batch_size: 4}\n  epochs: 3")))
+    assert spec.base == {"epochs": 3, "batch_size": 4}
+
+
+SIX = """\
+name: f
+design: {type: fractional_factorial, %s}
+factors: {bias_init: [off, on], no_clamp: [off, on], plain_residual: [off, on],
+          layer_norm: [off, on], clip_0_5: [off, on], low_lr: [off, on]}
+seeds: 1
+"""
+
+
+@pytest.mark.parametrize("form", ["fraction: 1/4", "fraction: 0.25", "runs: 16",
+                                  "fraction: 2"])
+def test_fraction_forms_mean_the_same_quarter(tmp_path, form):
+    """`fraction: 2` (the old integer p of 2^(k-p)) reads as a half to most people; 1/4 and
+    runs: 16 say what they mean. All four are the same 16-run design."""
+    spec = load_spec(write(tmp_path, SIX % form))
+    assert spec.fraction == 2
+    quarter = load_spec(write(tmp_path, SIX % "fraction: 2", "old.yaml"))
+    assert designs.cells(spec) == designs.cells(quarter) and len(designs.cells(spec)) == 16
+
+
+@pytest.mark.parametrize("form,key,says", [
+    ("fraction: 1/3", "design.fraction", "'1/3' is not a possible fraction"),
+    ("fraction: 1/8", "design.fraction", "'1/8' (a 2^(6-3) design of 8 runs) is not possible"),
+    ("fraction: 0.3", "design.fraction", "0.3 is not a possible fraction"),
+    ("fraction: half", "design.fraction", "'half' is not a possible fraction"),
+    ("fraction: 0", "design.fraction", "0 is not a possible fraction"),
+    ("fraction: 6", "design.fraction", "6 is not a possible fraction"),
+    ("runs: 12", "design.runs", "12 is not a possible fraction: use a power of two"),
+    ("runs: 64", "design.runs", "64 is not a possible fraction"),
+    ("runs: 8", "design.runs", "8 (a 2^(6-3) design of 8 runs) is not possible"),
+    ("fraction: 1/2, runs: 32", "design", "give fraction or runs, not both"),
+])
+def test_an_impossible_fraction_says_which_are_possible(tmp_path, form, key, says):
+    path = write(tmp_path, SIX % form)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {key}: ") and says in msg, msg
+    if key != "design":
+        assert msg.endswith("possible for 6 two-level factors at resolution IV or higher: "
+                            "1/2 (32 runs), 1/4 (16 runs)"), msg

@@ -130,6 +130,87 @@ def test_a_retried_enqueue_that_had_committed_is_not_enqueued_twice(tmp_path, mo
     assert trials[0].user_attrs["enqueue_id"] == "abc" and trials[0].state == TrialState.WAITING
 
 
+# ------------------------------------------------------------------- bulk enqueue, claims
+FIELDS = ("state", "params", "distributions", "system_attrs", "datetime_start",
+          "datetime_complete", "values", "intermediate_values")
+
+
+def test_bulk_enqueue_writes_what_enqueue_trial_writes(tmp_path):
+    """enqueue_trials writes Optuna's own rows: the trials read back like enqueue_trial's, are
+    numbered on, and Optuna's own pop (ask) takes them in order with their fixed params."""
+    check_bulk_enqueue(f"sqlite:///{tmp_path}/o.db")
+
+
+def check_bulk_enqueue(url: str) -> None:
+    storage = st.open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    attrs = {"run_key": "k0", "seed": 0, "attempt": 1, "config": '{"lr": 0.001, "x": [1, 2]}'}
+    study.enqueue_trial({"lr": "0.001", "seed": 0}, user_attrs={**attrs, "enqueue_id": "a"})
+    n = storage.enqueue_trials(study._study_id, [
+        ({"lr": "0.001", "seed": 0}, {**attrs, "enqueue_id": "b"}),
+        ({"lr": "0.01", "seed": 1}, {**attrs, "run_key": "k1", "enqueue_id": "c"})])
+    assert n == 2
+    one, bulk, last = study.get_trials()
+    assert [t.number for t in (one, bulk, last)] == [0, 1, 2]
+    assert {f: getattr(bulk, f) for f in FIELDS} == {f: getattr(one, f) for f in FIELDS}
+    assert {**bulk.user_attrs, "enqueue_id": "a"} == one.user_attrs
+    assert last.user_attrs["run_key"] == "k1" and last.system_attrs["fixed_params"]["lr"] == "0.01"
+    popped = [study.ask() for _ in range(3)]
+    assert [t.number for t in popped] == [0, 1, 2]
+    assert popped[2].suggest_categorical("lr", ["0.001", "0.01"]) == "0.01"
+
+
+def test_a_retried_bulk_enqueue_that_had_committed_is_not_enqueued_twice(tmp_path, monkeypatch):
+    """The transaction commits, then the connection drops before the answer: the retry finds
+    the first trial's enqueue_id and adds nothing."""
+    from sqlalchemy.orm import SessionTransaction
+
+    storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    real, calls = SessionTransaction.commit, []
+
+    def commit_then_drop(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the "
+                                                                          "connection"))
+        return out
+
+    monkeypatch.setattr(SessionTransaction, "commit", commit_then_drop)
+    before = st.RetryingRDBStorage.retries
+    n = storage.enqueue_trials(study._study_id, [({"x": i}, {"enqueue_id": f"e{i}"})
+                                                 for i in range(5)])
+    monkeypatch.undo()
+    assert n == 5 and st.RetryingRDBStorage.retries == before + 1
+    trials = study.get_trials()
+    assert [t.user_attrs["enqueue_id"] for t in trials] == [f"e{i}" for i in range(5)]
+    assert [t.number for t in trials] == list(range(5))
+
+
+def test_reconcile_queues_a_plan_once_in_bulk_and_claims_take_it_in_order(tmp_path, monkeypatch):
+    """Every run of the plan becomes one WAITING trial (none through enqueue_trial), a second
+    reconcile adds nothing, and claims pop them first in first out, each once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text(TINY.format(name="b").replace("seeds: [0]", "seeds: 6"))
+    spec = load_spec(tmp_path / "b.yaml")
+    study = execute.load_study(spec, st.open_storage(f"sqlite:///{tmp_path}/o.db"), create=True)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", None)  # the bulk path only
+    plan = execute.plan_of(spec)
+    first = execute.reconcile(study, spec, plan)
+    assert len(first.enqueued) == 12 and not first.queued
+    again = execute.reconcile(study, spec, plan)
+    assert not again.enqueued and sorted(again.queued) == sorted(r.run_key for r in plan)
+    keys = {r.run_key for r in plan}
+    claimed = [execute._claim(study, spec, keys) for _ in range(12)]
+    assert [t.number for t in claimed] == list(range(12))
+    assert [t.user_attrs["run_key"] for t in claimed] == [r.run_key for r in plan]
+    assert execute._claim(study, spec, keys) is None
+    # the claimed trials are known to Optuna's cache: a suggest works, states read back right
+    assert claimed[3].suggest_categorical("seed", list(spec.seeds)) == plan[3].seed
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+
+
 def test_a_retried_tell_that_had_committed_counts_as_done(tmp_path, monkeypatch):
     storage = st.open_storage(f"sqlite:///{tmp_path}/o.db")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -323,6 +404,20 @@ def test_run_with_no_workers_only_queues(tmp_path):
 @pytest.fixture
 def pg_url():
     yield from pgdb.fresh_database("unit")
+
+
+def test_postgres_bulk_enqueue_and_the_queue_queries(pg_url):
+    """The same rows on PostgreSQL (one INSERT ... RETURNING for the trials), and the claim's
+    queries: the oldest waiting trials, the states of one run's trials."""
+    check_bulk_enqueue(pg_url)
+    storage = st.open_storage(pg_url)
+    study = optuna.load_study(study_name="s", storage=storage)
+    storage.enqueue_trials(study._study_id, [({"x": i}, {"run_key": f"r{i % 2}"}) for i in range(4)])
+    ids = st.waiting_trial_ids(study._storage, study._study_id, limit=3)
+    assert ids == sorted(ids) and len(ids) == 3
+    assert [storage.get_trial(i).number for i in ids] == [3, 4, 5]
+    states = st.trial_states_by_user_attr(study._storage, study._study_id, "run_key", "r1")
+    assert len(states) == 2 and set(states.values()) == {TrialState.WAITING}
 
 
 def test_postgres_queue_lock_is_held_by_one_holder_at_a_time(pg_url):

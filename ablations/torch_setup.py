@@ -1,0 +1,48 @@
+"""CPU threads that behave on a busy machine: idle OpenMP threads sleep instead of spinning.
+
+torch's CPU kernels run on OpenMP (GNU libgomp in the pip wheels). Between two parallel regions
+libgomp's idle threads spin for a while (300 000 spins by default) before they sleep. On an idle
+machine that saves a wake-up; next to any other CPU-bound process each spinning thread takes a
+time slice the other process needed, and the thread that has real work waits for one that is
+spinning (measured: 80 fixed-recipe steps 2.6x slower next to one CPU hog on 2 cores, worse
+than the hog's fair share; benchmarks/busy_machine.py). A passive wait policy makes idle threads
+sleep at once; this tiny model's step is long against the wake-up, so an idle machine loses
+nothing measurable.
+
+OpenMP reads its environment once, when torch loads it: the policy must be in the environment
+before torch is imported (runner.py sets it first thing) or in a child's environment before it
+starts (local worker processes get it from `child_env`). A policy the user set
+(OMP_WAIT_POLICY, or libgomp's GOMP_SPINCOUNT) is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, MutableMapping
+
+WAIT_POLICY = "PASSIVE"
+
+
+def calm_openmp(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` unless the user chose a wait policy.
+
+    Returns whether it was set. Only a process that has not loaded torch yet, or a child started
+    with this environment, is affected."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return False
+    environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+    return True
+
+
+@contextlib.contextmanager
+def child_env() -> Iterator[None]:
+    """For starting worker processes: they inherit the passive policy even when this process
+    (a library caller that imported torch first) runs without it; os.environ is restored."""
+    added = calm_openmp()
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
