@@ -48,7 +48,8 @@ from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
 from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
                                is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
-from ablations.tracking import StudyTracker, check_reachable, fix_states, tracking_transient
+from ablations.tracking import (StudyTracker, check_reachable, run_name, run_note, run_tags,
+                                tracking_transient)
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
 
@@ -211,44 +212,14 @@ def objective_value(spec: StudySpec, res: TrainResult) -> float:
     return v if math.isfinite(v) else spec.diverged_value()
 
 
-def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
-    return f"{cell.label(spec.factors)} | seed {seed}"
-
-
-def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
-    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
-    def num(v: Optional[float], fmt: str = ".3f") -> str:
-        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
-
-    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
-             f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
-    if res.first_nonfinite_step is not None:
-        where = getattr(res, "first_nonfinite_where", "")
-        lines.append(f"First non-finite value at step {res.first_nonfinite_step}"
-                     + (f" (`{where}`)" if where else "")
-                     + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
-                       f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
-                       f"`nonfinite_events.csv`).")
-    states = fix_states(cfg)
-    by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
-    lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
-                 f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
-                 + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
-    lines.append("Every step, NaN included: `curves.csv` (Artifacts).")
-    return "\n\n".join(lines)
-
-
 def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
-    child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags={
-        "study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
-        "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
-        "run_key": run_key, "optuna_trial": str(trial.number), "worker": WORKER_ID,
-        "attempt": str(trial.user_attrs.get("attempt", 1))})
+    child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags=run_tags(
+        spec, cell, seed, run_key, trial.number, WORKER_ID, trial.user_attrs.get("attempt", 1)))
     trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
                         child.run_id)
     try:

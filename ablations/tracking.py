@@ -24,7 +24,7 @@ import time
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -34,6 +34,10 @@ from ablations.storage import describe_error, env_seconds, with_retry
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
+
+if TYPE_CHECKING:  # only their attributes are used: no import of the study machinery at run time
+    from ablations.designs import Cell
+    from ablations.spec import StudySpec
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: hundreds
@@ -83,6 +87,42 @@ def fix_states(cfg: TrainConfig) -> dict[str, str]:
             return all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in vals.items())
         out[name] = "on" if matches(fix.after) else "off" if matches(fix.before) else "other"
     return out
+
+
+def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
+    return f"{cell.label(spec.factors)} | seed {seed}"
+
+
+def run_tags(spec: StudySpec, cell: Cell, seed: int, run_key: str, trial_number: int,
+             worker: str, attempt: int) -> dict[str, str]:
+    """A run's identity tags (analysis reads cell, seed, run_key, roles; `status` shows who runs)."""
+    return {"study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
+            "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
+            "run_key": run_key, "optuna_trial": str(trial_number), "worker": worker,
+            "attempt": str(attempt)}
+
+
+def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
+    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
+    def num(v: Optional[float], fmt: str = ".3f") -> str:
+        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
+
+    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
+             f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
+    if res.first_nonfinite_step is not None:
+        where = getattr(res, "first_nonfinite_where", "")
+        lines.append(f"First non-finite value at step {res.first_nonfinite_step}"
+                     + (f" (`{where}`)" if where else "")
+                     + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
+                       f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
+                       f"`nonfinite_events.csv`).")
+    states = fix_states(cfg)
+    by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
+    lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
+                 f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
+                 + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
+    lines.append("Every step, NaN included: `curves.csv` (Artifacts).")
+    return "\n\n".join(lines)
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
