@@ -48,8 +48,8 @@ from ablations.designs import Cell, Run
 from ablations.spec import StudySpec, format_value
 from ablations.storage import (StoreError, StoreUnavailable, describe_error, heartbeat_s,
                                is_transient, open_storage, queue_lock, rdb, safe_url, stale_trials)
-from ablations.tracking import (StudyTracker, check_reachable, run_name, run_note, run_tags,
-                                tracking_transient)
+from ablations.tracking import (StudyTracker, check_reachable, launch_note, run_name, run_note,
+                                run_tags, tracking_transient)
 from model.config import HighLearningRateWarning, TrainConfig
 from model.train import TrainResult, train
 
@@ -74,8 +74,11 @@ def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 def load_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
                create: bool = False) -> optuna.Study:
     if create:
-        return optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
-                                   direction=spec.direction, sampler=_sampler(spec))
+        study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
+                                    direction=spec.direction, sampler=_sampler(spec))
+        if study.metric_names != [spec.objective_metric]:  # optuna-dashboard's axis label
+            study.set_metric_names([spec.objective_metric])
+        return study
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec))
 
 
@@ -107,7 +110,6 @@ def _trials_by_key(study: optuna.Study) -> dict[str, list[optuna.trial.FrozenTri
 def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
     params: dict[str, Any] = {f.name: f.label(v) for f, (_, v) in zip(spec.factors,
                                                                       run.cell.assignment)}
-    params["seed"] = run.seed
     study.enqueue_trial(params, user_attrs={
         "enqueue_id": uuid.uuid4().hex,  # lets a retried enqueue find itself instead of doubling
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
@@ -224,7 +226,8 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
                         child.run_id)
     try:
         res = train(cfg, log=child.log)
-        child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)})
+        child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)},
+                     spec=spec)
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
         raise
@@ -248,7 +251,6 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     attrs = dict(trial.user_attrs)
     for f in spec.factors:  # record the fixed factor values as Optuna params
         trial.suggest_categorical(f.name, [f.label(v) for v in f.values])
-    trial.suggest_categorical("seed", list(spec.seeds))
     cfg = _config(attrs["config"])
     by_name = {f.name: f for f in spec.factors}
     cell = Cell(tuple((name, _value_of(by_name[name], label))
@@ -616,6 +618,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     experiment_id = tracker.ensure_experiment(desc, {"study.design": spec.design,
                                                      "study.source": spec.source,
                                                      "optuna.storage": safe_url(storage_url)})
+    tracker.close_stale_launches()
     parent = tracker.start_launch(
         f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={"study": spec.name, "design": spec.design, "optuna_storage": safe_url(storage_url)},
@@ -664,7 +667,8 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     tracker.end_launch(parent, "KILLED" if interrupted else
                        "FINISHED" if done >= total or workers == 0 else "FAILED",
                        {"runs_done": float(done), "runs_total": float(total),
-                        "runs_given_up": float(gave_up)})
+                        "runs_given_up": float(gave_up)},
+                       note=launch_note(spec.name, done, total, gave_up, interrupted))
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
 
 

@@ -170,7 +170,8 @@ def test_grid_optuna_has_one_complete_trial_per_run(grid):
         assert designs.config_key(cfg) == t.user_attrs["run_key"]
         labels = dict(kv.split("=") for kv in t.user_attrs["cell"].split())
         assert {k: t.params[k] for k in labels} == labels
-        assert t.params["seed"] == t.user_attrs["seed"] == cfg.seed
+        # the seed is a user attribute, not a hyperparameter (optuna-dashboard would rank it)
+        assert "seed" not in t.params and t.user_attrs["seed"] == cfg.seed
         assert t.value == t.user_attrs["objective"]
         assert t.user_attrs["status"] in ("converged", "collapsed", "recovered")
 
@@ -321,11 +322,11 @@ def test_requeued_run_keeps_its_cell_labels(resumed):
             continue
         labels = dict(kv.split("=") for kv in t.user_attrs["cell"].split())
         assert {k: t.params.get(k) for k in factor_names} == labels, (t.number, t.params)
-        assert t.params.get("seed") == t.user_attrs["seed"], (t.number, t.params)
+        assert "seed" not in t.params, (t.number, t.params)
         child = tags[t.user_attrs["mlflow_run_id"]]
         assert child.data.tags["cell_id"] == t.user_attrs["cell_id"], t.number
         assert child.data.tags["cell"] == t.user_attrs["cell"], t.number
-        assert child.info.run_name.startswith(t.user_attrs["cell"]), t.number
+        assert child.info.run_name == f"s{t.user_attrs['seed']} {t.user_attrs['cell']}", t.number
 
 
 # ---------------------------------------------------------------------------- retries
