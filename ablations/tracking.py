@@ -190,12 +190,13 @@ def launch_note(study: str, done: int, total: int, gave_up: int, interrupted: bo
 def report_note(verdicts: list[tuple[str, str]], table_md: str, agreement: str, runs: int,
                 link: str, launch: str) -> str:
     """The launch run's description once the report is logged. The UI shows its first lines
-    until "Show more": the verdicts in one line and the link come first, the evidence after."""
+    until "Show more", under a fade that swallows clicks: the link comes first, then the
+    verdicts in one line, the evidence after."""
     head = (f"**Verdicts** ({runs} counted runs): "
             + (", ".join(f"{fix} **{verdict}**" for fix, verdict in verdicts)
                or "no fix of the seed is a factor of this study") + ".")
-    parts = [head, f"**Full report:** [{REPORT_PATH}]({link}) (effects with 95 % CIs, "
-                   f"interactions, figures; also under Artifacts > report)."]
+    parts = [f"**Full report:** [{REPORT_PATH}]({link}) (effects with 95 % CIs, interactions, "
+             f"figures; also under Artifacts > report).", head]
     parts += [p for p in (agreement, table_md, launch) if p]
     return "\n\n".join(parts)
 

@@ -13,7 +13,9 @@ prints the addresses, it makes each study experiment open as a person wants to s
     runs list; Back returns to the run). The printed note says so;
   * the saved views of ablations/views.py ("Study runs", "All attempts", "F1 by <factor>");
   * it prints, per study: the "Study runs" address, the latest report (report.md among the
-    launch run's artifacts) and the chart view grouped by the first fix.
+    launch run's artifacts) and the chart view grouped by the first fix, then one per other
+    factor: MLflow's group-by menu adds a key rather than switching to it, and picking a view
+    from the Views menu drops the chart mode and the layout parameter, so each is a link.
 
 `dashboard` starts optuna-dashboard on the study's Optuna storage.
 

@@ -160,6 +160,9 @@ def test_grid_launch_result(grid):
 def test_grid_optuna_has_one_complete_trial_per_run(grid):
     trials = grid.trials
     assert len(trials) == 8
+    # optuna-dashboard labels the objective with its metric's name
+    study = optuna.load_study(study_name=grid.spec.name, storage=grid.stores.storage)
+    assert study.metric_names == [grid.spec.objective_metric]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     keys = [t.user_attrs["run_key"] for t in trials]
     assert len(set(keys)) == 8
@@ -203,6 +206,12 @@ def test_grid_mlflow_parent_and_children(grid):
         assert tags["status"] == t.user_attrs["status"]
         assert c.info.status == "FINISHED"
         assert float(c.data.params["lr"]) == json.loads(t.user_attrs["config"])["lr"]
+        # fixes as params too (parallel coordinates), no empty tag, the seed first in the name
+        assert c.data.params["fix.plain_residual"] == tags["fix.plain_residual"]
+        assert all(v != "" for v in tags.values()), tags
+        assert c.info.run_name == f"s{tags['seed']} {tags['cell']}"
+    # the launch run's description until a report is logged
+    assert "**8/8 runs done** (complete)" in parent.data.tags["mlflow.note.content"]
 
 
 def test_grid_metric_histories(grid):
@@ -218,6 +227,10 @@ def test_grid_metric_histories(grid):
         assert m["outcome/steps"] == EPOCHS * STEPS_PER_EPOCH and m["outcome/epochs"] == EPOCHS
         assert "outcome/final_val_f1" in m and "outcome/max_grad_norm" in m
         assert m["outcome/final_val_f1"] == pytest.approx(max(f1, key=lambda x: x.step).value)
+        # single values at step 0 (MLflow draws them as bars), the headline one rounded
+        assert [h.step for h in client.get_metric_history(rid, "outcome/final_val_f1")] == [0]
+        assert m["final_val_f1"] == float(f"{m['outcome/final_val_f1']:.3g}")
+        assert m["diverged"] == 0.0
 
 
 def test_grid_objective_is_the_logged_outcome(grid):
@@ -235,7 +248,10 @@ def test_grid_artifacts(grid):
     rows = list(csv.reader(io.StringIO(st.text(rid, "curves.csv"))))
     assert rows[0] == ["step", "metric", "value"]
     assert len(rows) - 1 == EPOCHS * STEPS_PER_EPOCH * 4 + EPOCHS * 4
-    result = json.loads(st.text(rid, "result.json"))
+    def strict(const):  # bare NaN / Infinity are not JSON
+        raise AssertionError(f"result.json holds {const}")
+
+    result = json.loads(st.text(rid, "result.json"), parse_constant=strict)
     assert result["status"] == c.data.tags["status"]
     assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
     events = st.text(rid, "nonfinite_events.csv").splitlines()

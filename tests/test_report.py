@@ -76,7 +76,8 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     run = client.get_run(parent)
     exp_id = run.info.experiment_id
     note = run.data.tags["mlflow.note.content"]
-    head = note.split("\n\n")[0]  # what the run page shows before "Show more"
+    link_line, head = note.split("\n\n")[:2]  # what the run page shows before "Show more"
+    assert link_line.startswith("**Full report:** [report/report.md](")
     assert head.startswith("**Verdicts** (8 counted runs): ")
     for fix, verdict in zip(rep.verdicts["fix"], rep.verdicts["verdict"]):
         assert f"{fix} **{verdict}**" in head
