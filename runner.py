@@ -199,7 +199,7 @@ def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
     try:
         rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_cells(spec_path),
                                   design=spec.design, objective=spec.objective_metric)
-        parent = report.log_to_mlflow(spec.name, tracking_uri, out)
+        parent = report.log_to_mlflow(spec.name, tracking_uri, out, rep)
     except Exception as e:  # noqa: BLE001 - reported in one line, results are safe
         print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
         return False

@@ -76,8 +76,11 @@ def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 def load_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
                create: bool = False) -> optuna.Study:
     if create:
-        return optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
-                                   direction=spec.direction, sampler=_sampler(spec))
+        study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
+                                    direction=spec.direction, sampler=_sampler(spec))
+        if study.metric_names != [spec.objective_metric]:  # optuna-dashboard's axis label
+            study.set_metric_names([spec.objective_metric])
+        return study
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec))
 
 
@@ -246,51 +249,22 @@ def objective_value(spec: StudySpec, res: TrainResult) -> float:
     return v if math.isfinite(v) else spec.diverged_value()
 
 
-def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
-    return f"{cell.label(spec.factors)} | seed {seed}"
-
-
-def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
-    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
-    def num(v: Optional[float], fmt: str = ".3f") -> str:
-        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
-
-    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
-             f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
-    if res.first_nonfinite_step is not None:
-        where = getattr(res, "first_nonfinite_where", "")
-        lines.append(f"First non-finite value at step {res.first_nonfinite_step}"
-                     + (f" (`{where}`)" if where else "")
-                     + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
-                       f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
-                       f"`nonfinite_events.csv`).")
-    from ablations.tracking import fix_states
-
-    states = fix_states(cfg)
-    by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
-    lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
-                 f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
-                 + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
-    lines.append("Every step, NaN included: `curves.csv` (Artifacts).")
-    return "\n\n".join(lines)
-
-
 def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
                   cell: Cell, seed: int, run_key: str) -> tuple[TrainResult, str]:
     """Train one run with its MLflow child run; the child is failed/killed on any exception."""
+    from ablations.tracking import run_name, run_note, run_tags
+
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
-    child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags={
-        "study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
-        "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
-        "run_key": run_key, "optuna_trial": str(trial.number), "worker": WORKER_ID,
-        "attempt": str(trial.user_attrs.get("attempt", 1))})
+    child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags=run_tags(
+        spec, cell, seed, run_key, trial.number, WORKER_ID, trial.user_attrs.get("attempt", 1)))
     trial.set_user_attr("mlflow_run_id" if spec.design != "search" else f"mlflow_run_id.{seed}",
                         child.run_id)
     try:
         res = _train()(cfg, log=child.log)
-        child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)})
+        child.finish(res, extra_tags={"mlflow.note.content": run_note(spec, cell, seed, cfg, res)},
+                     spec=spec)
     except KeyboardInterrupt:
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
         raise
@@ -314,7 +288,6 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     attrs = dict(trial.user_attrs)
     for f in spec.factors:  # record the fixed factor values as Optuna params
         trial.suggest_categorical(f.name, [f.label(v) for v in f.values])
-    trial.suggest_categorical("seed", list(spec.seeds))
     cfg = _config(attrs["config"])
     by_name = {f.name: f for f in spec.factors}
     cell = Cell(tuple((name, _value_of(by_name[name], label))
@@ -707,6 +680,7 @@ def _launch(spec: StudySpec, storage_url: str, tracking_uri: str, workers: int, 
     if spec.stress_factors:  # the analysis reads which factors are the stress axis from here
         exp_tags["study.stress"] = ",".join(f.name for f in spec.stress_factors)
     experiment_id = tracker.ensure_experiment(desc, exp_tags)
+    tracker.close_stale_launches()
     parent = tracker.start_launch(
         f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={"study": spec.name, "design": spec.design, "optuna_storage": safe_url(storage_url)},
@@ -755,10 +729,13 @@ def _launch(spec: StudySpec, storage_url: str, tracking_uri: str, workers: int, 
                       not any(t.state == TrialState.COMPLETE for t in by_key.get(r.run_key, []))
                       for r in plan)
     summary = summarize(study, spec)
+    from ablations.tracking import launch_note
+
     tracker.end_launch(parent, "KILLED" if interrupted else
                        "FINISHED" if done >= total or workers == 0 else "FAILED",
                        {"runs_done": float(done), "runs_total": float(total),
-                        "runs_given_up": float(gave_up)})
+                        "runs_given_up": float(gave_up)},
+                       note=launch_note(spec.name, done, total, gave_up, interrupted))
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
 
 

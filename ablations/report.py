@@ -151,12 +151,15 @@ def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path) ->
     return path
 
 
-def fig_first_nonfinite(runs: pd.DataFrame, out: Path) -> Path:
-    """Step of the first non-finite value per cell (one dot per seed); 'never' at the right."""
+def fig_first_nonfinite(runs: pd.DataFrame, out: Path) -> Optional[Path]:
+    """Step of the first non-finite value per cell (one dot per seed); 'never' at the right.
+    None when no run went non-finite: the figure would be empty (the report says so instead)."""
+    went = runs[runs["first_nonfinite_step"] < runs["steps"].fillna(np.inf)]
+    if went.empty:
+        return None
     cells = sorted(runs["cell"].unique())
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(cells) + 1.5))
     steps = runs["steps"].max() if "steps" in runs and runs["steps"].notna().any() else 1
-    went = runs[runs["first_nonfinite_step"] < runs["steps"].fillna(np.inf)]
     never = runs.drop(went.index)
     ypos = {c: i for i, c in enumerate(cells)}
     ax.scatter(went["first_nonfinite_step"], went["cell"].map(ypos), color="#d62728", s=18,
@@ -166,10 +169,7 @@ def fig_first_nonfinite(runs: pd.DataFrame, out: Path) -> Path:
     ax.set_yticks(range(len(cells)), cells, fontsize=7)
     ax.set_xlim(0, steps * 1.06)
     ax.set_xlabel("training step")
-    title = "Time to first non-finite value per cell"
-    if went.empty:
-        title += f" — no run went non-finite ({len(runs)} runs)"
-    ax.set_title(title, fontsize=10)
+    ax.set_title("Time to first non-finite value per cell", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = out / "first_nonfinite.png"
@@ -326,6 +326,9 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     lines += ["## Figures", ""]
     for name, fig in rep.figures.items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
+    if "first_nonfinite" not in rep.figures:
+        lines += ["### first non-finite", "", f"No run went non-finite ({len(runs)} runs): no "
+                  f"figure.", ""]
     cell_table = (runs.groupby("cell").agg(runs=("seed", "size"), diverged=("diverged", "sum"),
                                            collapsed=("collapsed", "sum"),
                                            f1_mean=("final_val_f1", "mean"),
@@ -440,18 +443,24 @@ def fig_half_normal(fit: fx.FactorialFit, out: Path) -> Optional[Path]:
     return p
 
 
-def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path) -> Optional[str]:
-    """Attach the report folder to the study's latest launch (parent) run; returns its run id."""
-    client = analysis._client(tracking_uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
+def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path,
+                  rep: Optional[Report] = None) -> Optional[str]:
+    """Attach the report folder to the study's latest launch (parent) run and write the verdicts
+    and a link to report.md into its description (and a link into the experiment's); launch
+    runs whose launcher died are closed first. Returns the run id (None: no launch run)."""
+    from ablations.tracking import StudyTracker
+
+    tracker = StudyTracker(tracking_uri, study)  # (None: MLflow's default store)
+    if tracker.experiment_id is None:
         return None
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'launch'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        return None
-    client.log_artifacts(parents[0].info.run_id, str(out_dir), "report")
-    return parents[0].info.run_id
+    verdicts, table, agreement, runs = [], "", "", 0
+    if rep is not None and not rep.verdicts.empty:
+        verdicts = list(zip(rep.verdicts["fix"], rep.verdicts["verdict"]))
+        table = analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "evidence"]])
+        agreement = analysis.critical_agreement(rep.verdicts)
+    if rep is not None:
+        runs = len(rep.runs)
+    return tracker.log_report(str(out_dir), verdicts, table, agreement, runs)
 
 
 def verdict_lines(rep: Report) -> list[str]:

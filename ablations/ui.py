@@ -2,18 +2,20 @@
 
 `ui` starts the MLflow UI with the fast settings measured here: one worker and job execution off
 (about 10 s to the first answer instead of 21 s with MLflow's defaults on 2 cores). Before it
-prints the address, it makes each study experiment open as a person wants to see it:
+prints the addresses, it makes each study experiment open as a person wants to see it:
 
-  * the experiment is marked as a model-training one (`mlflow.experimentKind`), and the printed
-    address asks for the "Model training" layout (`workflowType=machine_learning`), so the page
-    opens on the runs table, not on MLflow 3's GenAI trace overview (MLflow 3.17 drops that
-    choice on links to run pages, which then show its GenAI sidebar until the user picks
-    "Model training" at the top left; it remembers that pick per browser);
-  * a saved view "Study runs" (an experiment tag, as the UI's own "Views > Save as new view"
-    writes it) shows the columns that matter: the study's factors (`fix.*` tags for fixes,
-    params otherwise), `status`, the objective and the non-finite counts, runs sorted by name
-    so the seeds of a cell sit together, and a Run Name column wide enough to read. It is only
-    created when absent: a view the user changed in the UI is left alone.
+  * the experiment is marked as a model-training one (`mlflow.experimentKind`; new studies get
+    it when created) and every printed address asks for the "Model training" layout
+    (`workflowType=machine_learning`). MLflow 3.17 decides the layout per browser, not per
+    experiment: a page without that parameter (a plain `/#/experiments/1`, or a run opened from
+    the runs list) uses the layout the browser last picked, GenAI by default. Picking "Model
+    training" at the top left once fixes that for the browser (on a run page it jumps to the
+    runs list; Back returns to the run). The printed note says so;
+  * the saved views of ablations/views.py ("Study runs", "All attempts", "F1 by <factor>");
+  * it prints, per study: the "Study runs" address, the latest report (report.md among the
+    launch run's artifacts) and the chart view grouped by the first fix, then one per other
+    factor: MLflow's group-by menu adds a key rather than switching to it, and picking a view
+    from the Views menu drops the chart mode and the layout parameter, so each is a link.
 
 `dashboard` starts optuna-dashboard on the study's Optuna storage.
 
@@ -25,8 +27,6 @@ exist or a server that does not come up is one line on stderr.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import socket
@@ -36,15 +36,13 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ablations import views
+from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url
+
 HOST = "127.0.0.1"
-VIEW_KEY = "chorus-study-runs"  # the saved view's tag is mlflow.sharedViewState.<VIEW_KEY>
-VIEW_NAME = "Study runs"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-KIND_TAG = "mlflow.experimentKind"
 STUDY_TAG = "study.design"  # set on every study experiment by the launcher
 
 
@@ -234,81 +232,80 @@ def _check_exists(uri: str, flag: str, hint: str) -> None:
         raise UIError(f"{flag} {uri}: no such database ({os.path.abspath(path)}); {hint}")
 
 
-def _deflate(state: dict) -> str:
-    """The UI's compressed view state: 'deflate;' + base64 of zlib-deflated JSON."""
-    raw = json.dumps(state, separators=(",", ":")).encode()
-    return "deflate;" + base64.b64encode(zlib.compress(raw)).decode()
-
-
-def view_state(factor_columns: list[str], objective: Optional[str]) -> dict:
-    """The saved view's state, in the MLflow UI's own format (see the module docstring).
-
-    Runs sorted by name list flat (MLflow nests children under their launch run only when
-    sorted by creation time), so every cell x seed is visible at once, the seeds of a cell
-    side by side, with the launch run (report, figures) among them."""
-    metrics = [f"metrics.`outcome/{m}`" for m in dict.fromkeys(
-        m for m in (objective, "nonfinite_events", "first_nonfinite_step") if m)]
-    columns = ["tags.`status`", *factor_columns, *metrics]
-    order = ["attributes.`Run Name`", "runDateAndNestInfo", "duration", *columns]
-    widths = {"attributes.`Run Name`": 320, "runDateAndNestInfo": 130, "duration": 80,
-              "tags.`status`": 100, **{c: 120 for c in factor_columns},
-              **{c: 150 for c in metrics}}
-    return {"searchFilter": "", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
-            "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-            "modelVersionFilter": "All Runs", "selectedColumns": columns, "columnOrder": order,
-            "columnWidths": widths, "runsHiddenMode": "FIRST_20_RUNS", "viewMaximized": False,
-            "runListHidden": False, "isAccordionReordered": False,
-            "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
-            "groupsExpanded": {}, "globalLineChartConfig": {"xAxisKey": "step",
-                                                            "lineSmoothness": 0,
-                                                            "selectedXAxisMetricKey": ""}}
-
-
-def _study_columns(client, experiment_id: str) -> tuple[list[str], Optional[str]]:
-    """Factor columns and objective metric, read off the study's latest launch run."""
+def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
+    """Factors and objective from the study's latest launch run, the longest child run name from
+    its runs; None before any launch."""
     from ablations.fixes import FIXES
 
     launches = client.search_runs([experiment_id], "tags.kind = 'launch'", max_results=1,
                                   order_by=["attributes.start_time DESC"])
     if not launches:
-        return [], None
-    params = launches[0].data.params
-    factors = [f for f in params.get("factors", "").split(",") if f]
-    columns = [f"tags.`fix.{f}`" if f in FIXES else f"params.`{f}`" for f in factors]
-    objective = (params.get("objective") or "").split(" ")[0] or None
-    return columns, objective
-
-
-def prepare_experiment(client, experiment) -> Optional[str]:
-    """Mark a study experiment as model training and add the "Study runs" view if absent.
-
-    Returns the view's key (None when it could not be written, e.g. a read-only server)."""
-    tags = experiment.tags or {}
-    try:
-        if KIND_TAG not in tags:
-            client.set_experiment_tag(experiment.experiment_id, KIND_TAG,
-                                      "custom_model_development")
-        if VIEW_TAG not in tags:
-            columns, objective = _study_columns(client, experiment.experiment_id)
-            now = int(time.time() * 1000)
-            client.set_experiment_tag(experiment.experiment_id, VIEW_TAG, json.dumps(
-                {"name": VIEW_NAME, "createdAt": now, "updatedAt": now,
-                 "state": _deflate(view_state(columns, objective))}))
-    except Exception:
         return None
-    return VIEW_KEY
+    params = launches[0].data.params
+    factors = [(f, f in FIXES) for f in params.get("factors", "").split(",") if f]
+    objective = (params.get("objective") or "").split(" ")[0] or None
+    names = [r.info.run_name or "" for r in client.search_runs(
+        [experiment_id], "tags.kind = 'run'", max_results=1000)]
+    return views.StudyLayout(factors, objective, max(map(len, names), default=40))
 
 
-def runs_url(port: int, experiment_id: str, view_key: Optional[str]) -> str:
-    query = {"workflowType": "machine_learning"}
-    if view_key:
-        query["viewStateShareKey"] = view_key
-    return (f"http://{HOST}:{port}/#/experiments/{experiment_id}/runs?"
-            + urllib.parse.urlencode(query))
+def prepare_experiment(client, experiment) -> Optional[views.StudyLayout]:
+    """Mark a study experiment as model training and write its saved views (see views.py).
+
+    Returns the study's layout, None when the views could not be written (no launch yet, or a
+    read-only server): the URLs then go without a view."""
+    try:
+        if (experiment.tags or {}).get(KIND_TAG) != TRAINING_KIND:
+            client.set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING_KIND)
+        layout = study_layout(client, experiment.experiment_id)
+        if layout is not None:
+            views.write_views(client, experiment, layout)
+        return layout
+    except Exception:  # noqa: BLE001 - browsing works without the views
+        return None
+
+
+def ui_url(port: int, route: str, **query: str) -> str:
+    """A UI address that opens in MLflow 3's model-training layout (`workflowType`): without it
+    a browser that never picked a layout gets the GenAI one (a "Traces 0" overview)."""
+    q = {"workflowType": "machine_learning", **query}
+    return f"http://{HOST}:{port}/#/{route}?" + urllib.parse.urlencode(q)
+
+
+def runs_url(port: int, experiment_id: str, view_key: Optional[str], chart: bool = False) -> str:
+    query = {"viewStateShareKey": view_key} if view_key else {}
+    if chart:
+        query["compareRunsMode"] = "CHART"
+    return ui_url(port, f"experiments/{experiment_id}/runs", **query)
+
+
+def _links(client, port: int, experiment) -> list[tuple[str, str]]:
+    """The study's runs (counted runs), its latest report, and its chart view grouped by the
+    first fix (or the first factor when no fix is one)."""
+    eid = experiment.experiment_id
+    layout = prepare_experiment(client, experiment)
+    links = [(f"study {experiment.name}",
+              runs_url(port, eid, views.RUNS_KEY if layout else None))]
+    launch = views.latest_launch(client, eid, with_report=True)
+    if launch is not None:
+        links.append(("  report", f"http://{HOST}:{port}/"
+                      + artifact_url(eid, launch.info.run_id, REPORT_PATH)))
+    if layout and layout.factors:  # the first fix first, then every other factor with a view
+        first = next((n for n, fix in layout.factors if fix), layout.factors[0][0])
+        names = [first] + [n for n, _ in layout.factors[:views.MAX_FACTOR_VIEWS] if n != first]
+        links += [(f"  charts, F1 by {name}", runs_url(port, eid, views.factor_key(name),
+                                                        chart=True)) for name in names]
+    return links
+
+
+NOTE = ("(the study's runs list shows the counted runs; its Views menu, top right, also has "
+        "'All attempts' (killed and failed ones, launches). A run page opened from the list "
+        "shows MLflow 3's GenAI side bar until you pick 'Model training' at its top left once: "
+        "the browser remembers it, and Back returns to the run)")
 
 
 def study_links(tracking_uri: str, port: int, study: Optional[str]) -> Served:
-    """The URL of each study experiment (or of `study`'s), each prepared for browsing."""
+    """The URLs of each study experiment (or of `study`'s), each prepared for browsing."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -327,11 +324,7 @@ def study_links(tracking_uri: str, port: int, study: Optional[str]) -> Served:
         if not exps:
             return Served([("MLflow UI", base)], f"(no study in {tracking_uri} yet: run one with "
                                                  f"`python runner.py run studies/quick.yaml`)")
-    links = [(f"study {e.name}", runs_url(port, e.experiment_id, prepare_experiment(client, e)))
-             for e in exps]
-    return Served(links, "(filter e.g. tags.status = 'diverged' and tags.`fix.bias_init` = 'on'; "
-                         "Group by a fix.* tag; run pages open in MLflow 3's GenAI layout until "
-                         "you pick 'Model training' at the top left)")
+    return Served([link for e in exps for link in _links(client, port, e)], NOTE)
 
 
 def serve(tracking_uri: str, port: int, study: Optional[str]) -> int:

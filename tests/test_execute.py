@@ -161,6 +161,9 @@ def test_grid_launch_result(grid):
 def test_grid_optuna_has_one_complete_trial_per_run(grid):
     trials = grid.trials
     assert len(trials) == 8
+    # optuna-dashboard labels the objective with its metric's name
+    study = optuna.load_study(study_name=grid.spec.name, storage=grid.stores.storage)
+    assert study.metric_names == [grid.spec.objective_metric]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     keys = [t.user_attrs["run_key"] for t in trials]
     assert len(set(keys)) == 8
@@ -171,7 +174,8 @@ def test_grid_optuna_has_one_complete_trial_per_run(grid):
         assert designs.config_key(cfg) == t.user_attrs["run_key"]
         labels = dict(kv.split("=") for kv in t.user_attrs["cell"].split())
         assert {k: t.params[k] for k in labels} == labels
-        assert t.params["seed"] == t.user_attrs["seed"] == cfg.seed
+        # the seed is a user attribute, not a hyperparameter (optuna-dashboard would rank it)
+        assert "seed" not in t.params and t.user_attrs["seed"] == cfg.seed
         assert t.value == t.user_attrs["objective"]
         assert t.user_attrs["status"] in ("converged", "collapsed", "recovered")
 
@@ -203,6 +207,12 @@ def test_grid_mlflow_parent_and_children(grid):
         assert tags["status"] == t.user_attrs["status"]
         assert c.info.status == "FINISHED"
         assert float(c.data.params["lr"]) == json.loads(t.user_attrs["config"])["lr"]
+        # fixes as params too (parallel coordinates), no empty tag, the seed first in the name
+        assert c.data.params["fix.plain_residual"] == tags["fix.plain_residual"]
+        assert all(v != "" for v in tags.values()), tags
+        assert c.info.run_name == f"s{tags['seed']} {tags['cell']}"
+    # the launch run's description until a report is logged
+    assert "**8/8 runs done** (complete)" in parent.data.tags["mlflow.note.content"]
 
 
 def test_grid_metric_histories(grid):
@@ -218,6 +228,10 @@ def test_grid_metric_histories(grid):
         assert m["outcome/steps"] == EPOCHS * STEPS_PER_EPOCH and m["outcome/epochs"] == EPOCHS
         assert "outcome/final_val_f1" in m and "outcome/max_grad_norm" in m
         assert m["outcome/final_val_f1"] == pytest.approx(max(f1, key=lambda x: x.step).value)
+        # single values at step 0 (MLflow draws them as bars), the headline one rounded
+        assert [h.step for h in client.get_metric_history(rid, "outcome/final_val_f1")] == [0]
+        assert m["final_val_f1"] == float(f"{m['outcome/final_val_f1']:.3g}")
+        assert m["diverged"] == 0.0
 
 
 def test_grid_objective_is_the_logged_outcome(grid):
@@ -235,7 +249,10 @@ def test_grid_artifacts(grid):
     rows = list(csv.reader(io.StringIO(st.text(rid, "curves.csv"))))
     assert rows[0] == ["step", "metric", "value"]
     assert len(rows) - 1 == EPOCHS * STEPS_PER_EPOCH * 4 + EPOCHS * 4
-    result = json.loads(st.text(rid, "result.json"))
+    def strict(const):  # bare NaN / Infinity are not JSON
+        raise AssertionError(f"result.json holds {const}")
+
+    result = json.loads(st.text(rid, "result.json"), parse_constant=strict)
     assert result["status"] == c.data.tags["status"]
     assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
     events = st.text(rid, "nonfinite_events.csv").splitlines()
@@ -322,11 +339,11 @@ def test_requeued_run_keeps_its_cell_labels(resumed):
             continue
         labels = dict(kv.split("=") for kv in t.user_attrs["cell"].split())
         assert {k: t.params.get(k) for k in factor_names} == labels, (t.number, t.params)
-        assert t.params.get("seed") == t.user_attrs["seed"], (t.number, t.params)
+        assert "seed" not in t.params, (t.number, t.params)
         child = tags[t.user_attrs["mlflow_run_id"]]
         assert child.data.tags["cell_id"] == t.user_attrs["cell_id"], t.number
         assert child.data.tags["cell"] == t.user_attrs["cell"], t.number
-        assert child.info.run_name.startswith(t.user_attrs["cell"]), t.number
+        assert child.info.run_name == f"s{t.user_attrs['seed']} {t.user_attrs['cell']}", t.number
 
 
 # ---------------------------------------------------------------------------- retries

@@ -55,8 +55,9 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     tmp, uri = tiny_study
     out = tmp / "rep"
     rep = report.write_report("tinyrep", uri, out)
-    for name in ("curves", "effects", "half_normal", "divergence_heatmap", "first_nonfinite",
-                 "ablation_path"):
+    went = (rep.runs["first_nonfinite_step"] < rep.runs["steps"]).any()
+    for name in ("curves", "effects", "half_normal", "divergence_heatmap", "ablation_path") + (
+            ("first_nonfinite",) if went else ()):
         png = rep.figures[name]
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = rep.markdown.read_text()
@@ -69,11 +70,31 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     fit = rep.fits["final_val_f1"]
     assert fit.n == 8 and fit.df_resid == 4 and set(fit.table.term) == {
         "plain_residual", "clip_0_5", "plain_residual:clip_0_5"}
-    parent = report.log_to_mlflow("tinyrep", uri, out)
+    if not went:  # no empty figure: the report says why there is none
+        assert "first_nonfinite" not in rep.figures and not (out / "first_nonfinite.png").exists()
+        assert "No run went non-finite (8 runs): no figure." in md
+    parent = report.log_to_mlflow("tinyrep", uri, out, rep)
     from mlflow.tracking import MlflowClient
 
-    names = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    client = MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(parent, "report")}
     assert "report/report.md" in names and "report/curves.png" in names
+    # the launch run's description: the verdicts first, then a link to report.md in the UI
+    run = client.get_run(parent)
+    exp_id = run.info.experiment_id
+    note = run.data.tags["mlflow.note.content"]
+    link_line, head = note.split("\n\n")[:2]  # what the run page shows before "Show more"
+    assert link_line.startswith("**Full report:** [report/report.md](")
+    assert head.startswith("**Verdicts** (8 counted runs): ")
+    for fix, verdict in zip(rep.verdicts["fix"], rep.verdicts["verdict"]):
+        assert f"{fix} **{verdict}**" in head
+    link = f"#/experiments/{exp_id}/runs/{parent}/artifacts/report/report.md"
+    assert f"]({link}?workflowType=machine_learning)" in note
+    assert "8/8 runs done" in note  # the launch's own summary is kept below
+    exp_note = client.get_experiment(exp_id).tags["mlflow.note.content"]
+    assert link in exp_note  # and one click from the runs page
+    report.log_to_mlflow("tinyrep", uri, out, rep)  # again: the summary is not lost or doubled
+    assert client.get_run(parent).data.tags["mlflow.note.content"] == note
 
 
 def test_runner_report_cli(tiny_study):
