@@ -84,15 +84,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     first = ("-" if res.first_nonfinite_step is None else
              f"{res.first_nonfinite_step}" + (f" in {res.first_nonfinite_where}"
                                                if res.first_nonfinite_where else ""))
+    if last:  # the seed's own log format, for comparing with its `loss=nan, grad_norm=nan, chorus%=0.00`
+        print(f"last step {int(last['step'])}: loss={last['train/loss']:.4f}, "
+              f"grad_norm={last['train/grad_norm']:.4f}, chorus%={last['train/chorus_pct']:.2f}")
     print(f"status {res.status}  final val/chorus_f1 {_fmt(res.final_val_f1)}  "
           f"best {_fmt(res.best_val_f1)}  val/chorus_pct {_fmt(res.final_val_chorus_pct, 2)}  "
           f"max grad_norm {_fmt(res.max_grad_norm)}  non-finite events {res.nonfinite_events} "
           f"(first at step {first}, skipped {res.skipped_steps}, zeroed {res.zeroed_steps})"
           + (f"  fp16 scaler skips {res.scaler_skips}" if res.scaler_skips else "")
           + f"  {res.steps} steps in {res.wall_time_s:.1f} s ({res.steps_per_s:.1f} steps/s)")
-    if last:  # the seed's own log format, for comparing with its `loss=nan, grad_norm=nan, chorus%=0.00`
-        print(f"last step {int(last['step'])}: loss={last['train/loss']:.4f}, "
-              f"grad_norm={last['train/grad_norm']:.4f}, chorus%={last['train/chorus_pct']:.2f}")
     return 0
 
 
