@@ -327,6 +327,7 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     for name, fig in rep.figures.items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
     if "first_nonfinite" not in rep.figures:
+        (out_dir / "first_nonfinite.png").unlink(missing_ok=True)  # an earlier report's
         lines += ["### first non-finite", "", f"No run went non-finite ({len(runs)} runs): no "
                   f"figure.", ""]
     cell_table = (runs.groupby("cell").agg(runs=("seed", "size"), diverged=("diverged", "sum"),

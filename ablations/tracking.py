@@ -11,7 +11,7 @@ lead-up), `grad_spikes.csv` when the spike check warned (same columns: a spike i
 a finite gradient, not a non-finite event), and the tags `status` and `first_nonfinite_where`
 ("module:stage") to filter runs by in the UI.
 
-How a study reads in the MLflow UI (see ablations/ui.py for the saved views):
+How a study reads in the MLflow UI (ablations/views.py has the saved views):
   * run names are short and start with the seed (`s0 bias_init=on lr=0.001`), so paired runs
     differ at a glance even when the column is cut;
   * every single-value metric is logged at step 0: MLflow draws a metric whose last step is 0 as a
@@ -138,7 +138,8 @@ def headline_metrics(spec: Optional[StudySpec], res: TrainResult) -> dict[str, f
 
 def run_tags(spec: StudySpec, cell: Cell, seed: int, run_key: str, trial_number: int,
              worker: str, attempt: int) -> dict[str, str]:
-    """A run's identity tags (analysis reads cell, seed, run_key, roles; `status` shows who runs)."""
+    """A run's identity tags (the analysis reads cell, seed, run_key and roles; `worker` and
+    `attempt` say who ran which attempt)."""
     tags = {"study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
             "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
             "run_key": run_key, "optuna_trial": str(trial_number), "worker": worker,
@@ -284,7 +285,7 @@ class StudyTracker:
             return None
         return latest_launch(self.client, self.experiment_id, with_report)
 
-    def close_stale_launches(self, keep: Optional[str] = None) -> int:
+    def close_stale_launches(self) -> int:
         """Mark KILLED the launch runs left RUNNING by a launcher that is gone (killed, or its
         machine lost): otherwise they stay RUNNING in the UI forever. A launch counts as gone when
         its process (`launched_by` host:pid) is not running on this host; launches from other
@@ -298,8 +299,7 @@ class StudyTracker:
             return 0
         closed = 0
         for r in runs:
-            if r.info.run_id == keep or not _launcher_gone(r.data.tags.get("launched_by", ""),
-                                                           r.info.start_time):
+            if not _launcher_gone(r.data.tags.get("launched_by", ""), r.info.start_time):
                 continue
             try:
                 self.client.set_tag(r.info.run_id, "lost", "its launcher stopped without ending it")

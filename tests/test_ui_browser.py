@@ -55,10 +55,11 @@ needs_browser = pytest.mark.skipif(
     sync_playwright is None or not os.access(CHROMIUM, os.X_OK),
     reason=("needs the playwright package (pip install -e '.[dev]')" if sync_playwright is None
             else f"needs Debian's Chromium at {CHROMIUM} (bash .ci/install_browser, as root)"))
-# The study-backed tests share one tiny study and one UI server: 45-60 s on an idle 2-core
-# machine, 90-130 s on a busy one (a fresh process imports torch/MLflow, migrates a new MLflow
-# database, trains 8 runs and writes the report; the UI takes ~10 s to answer). Hence slow:
-# `.ci/run` runs them with `pytest -m slow tests/test_ui_browser.py`.
+# The study-backed tests share one tiny study and one UI server: 3.6 min for the four of them
+# on a 2-core machine shared with other work, 7 min when it was busy (two `runner.py run`
+# processes import torch/MLflow, the 32 runs train once, one more after the kill, the report is
+# written; the UI takes ~10 s to answer). Hence slow: `.ci/run` runs them with
+# `pytest -m slow tests/test_ui_browser.py`.
 slow = pytest.mark.slow
 linux_only = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(),
                                 reason="process checks read /proc")
