@@ -119,8 +119,7 @@ def _queue_entry(spec: StudySpec, run: Run, attempt: int) -> tuple[dict[str, Any
     """A run as an enqueued trial: its fixed params and its user attrs."""
     params: dict[str, Any] = {f.name: f.label(v) for f, (_, v) in zip(spec.factors,
                                                                       run.cell.assignment)}
-    params["seed"] = run.seed
-    return params, {
+    return params, {  # the seed is a user attr, not a param: it is no hyperparameter
         "enqueue_id": uuid.uuid4().hex,  # lets a retried enqueue find itself instead of doubling
         "run_key": run.run_key, "cell_id": run.cell.cell_id,
         "cell": run.cell.label(spec.factors), "roles": ",".join(run.cell.roles),
