@@ -156,7 +156,18 @@ def seed_spread(configs: list[dict], stored: list[StoredRun]
 
 
 def _recipe_key(params: dict[str, str]) -> tuple:
-    return tuple(sorted((k, v) for k, v in params.items() if k not in NOT_RECIPE))
+    """The config fields that make a recipe, as logged params. Other params (`fix.*`) are left
+    out; a field a run does not have (logged before the field existed) takes its default, whose
+    behaviour is what that run had (see designs.KEY_FIELDS_V1)."""
+    if not _DEFAULTS:
+        from model.config import TrainConfig
+
+        _DEFAULTS.update({k: _param_str(v) for k, v in TrainConfig().to_dict().items()
+                          if k not in NOT_RECIPE})
+    return tuple((k, params.get(k, d)) for k, d in sorted(_DEFAULTS.items()))
+
+
+_DEFAULTS: dict[str, str] = {}
 
 
 def detectable_effect(sd: float, n_runs: int, df: int, alpha: float = ALPHA,
