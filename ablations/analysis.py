@@ -268,13 +268,15 @@ def _levels(runs: pd.DataFrame, factor: str) -> list:
 
 def paired_effect(runs: pd.DataFrame, factor: str, ref, level, outcome: str,
                   others: list[str]) -> Estimate:
-    """Effect of `factor` going ref -> level on `outcome`: paired where partners exist."""
+    """Effect of `factor` going ref -> level on `outcome`: paired where partners exist (two or
+    more: then only the pairs count; in a one-at-a-time design the unpaired runs differ in other
+    fixes too, and pooling them would measure broken-side vs fixed-side recipes)."""
     keys = others + ["seed"]
     # Mean over duplicates: with a subset of the factors as keys, a key can hold several runs.
     a = runs[runs[factor] == ref].groupby(keys)[outcome].mean()
     b = runs[runs[factor] == level].groupby(keys)[outcome].mean()
     joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
-    if len(joined) >= max(2, min(len(a), len(b)) // 2):
+    if len(joined) >= 2:
         finite = joined.dropna()
         d = (finite["b"] - finite["a"]).to_numpy()
         lo, hi = bootstrap_mean(d)

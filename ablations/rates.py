@@ -139,12 +139,14 @@ def rate_difference(runs: pd.DataFrame, factor: str, outcome: str, others: Seque
                     ref=False, level=True) -> RateDiff:
     """Effect of `factor` (ref -> level) on the 0/1 column `outcome`, paired where the design
     pairs runs (the same rule as `analysis.paired_effect`: partners share the other factors and
-    the seed; used when at least half the runs of the smaller arm have one), else independent."""
+    the seed; where two or more pairs exist only the pairs count, as in one-at-a-time designs,
+    whose other runs differ in more than this factor), else independent (fractional designs,
+    which hold no two runs that differ in one factor only)."""
     keys = [g for g in others if g in runs] + ["seed"]
     a = runs[runs[factor] == ref].groupby(keys)[outcome].max()
     b = runs[runs[factor] == level].groupby(keys)[outcome].max()
     joined = pd.concat([a.rename("off"), b.rename("on")], axis=1, join="inner").dropna()
-    if len(joined) >= max(2, min(len(a), len(b)) // 2):  # one-at-a-time: the pairs only
+    if len(joined) >= 2:  # one-at-a-time: the pairs only
         return rate_diff_paired(joined["on"].to_numpy(), joined["off"].to_numpy())
     on, off = runs.loc[runs[factor] == level, outcome], runs.loc[runs[factor] == ref, outcome]
     return rate_diff_indep(int(on.sum()), len(on), int(off.sum()), len(off))

@@ -193,3 +193,26 @@ def test_shipped_stress_studies_parse():
             assert max(lrs) / min(lrs) >= 1e4  # at least four orders of magnitude
             assert len(spec.seeds) == 3
         assert designs.runs(spec)
+
+
+def test_one_at_a_time_rates_use_the_pairs_only():
+    """Broken-side recipes collapse, fixed-side ones do not, and fix x changes nothing within its
+    pairs (broken vs add:x, drop:x vs fixed). Pooling the arms would credit x with the difference
+    between the two sides; the pairs show none."""
+    from ablations import designs, rates
+    from ablations.spec import parse_spec
+
+    spec = parse_spec({"name": "o", "design": "one_at_a_time", "seeds": 3,
+                       "factors": {f: ["off", "on"] for f in ("bias_init", "no_clamp", "clip_0_5",
+                                                              "layer_norm")}})
+    rows = []
+    for cell in designs.cells(spec):
+        v = cell.values()
+        broken_side = sum(v.values()) <= 1  # broken and add:*
+        for seed in spec.seeds:
+            rows.append({**v, "seed": seed, "collapsed": float(broken_side)})
+    runs = pd.DataFrame(rows)
+    rd = rates.rate_difference(runs, "bias_init", "collapsed", ["no_clamp", "clip_0_5",
+                                                                 "layer_norm"])
+    assert rd.paired and rd.n_on == 6 and rd.diff == 0.0
+    assert rd.low < 0 < rd.high
