@@ -474,7 +474,8 @@ def _pop(study: optuna.Study) -> Optional[int]:
     trial's heartbeat recorded *before* it turns RUNNING. Optuna never declares a RUNNING trial
     without any heartbeat stale, so a worker killed between the pop and its first beat would
     leave its run RUNNING forever; a beat on a WAITING trial is harmless (only RUNNING trials
-    are checked, and the next claimer beats again)."""
+    are checked, and the next claimer beats again). The oldest waiting trials are found by one
+    query (storage.waiting_trial_ids), not by reading every trial as Optuna's pop does."""
     storage = study._storage
     beat = bool(rdb(storage).heartbeat_interval)
     while True:
