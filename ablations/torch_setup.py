@@ -8,8 +8,8 @@ spinning. A passive wait policy makes idle threads sleep at once. Measured on th
 machine (benchmarks/busy_machine.py, 80 fixed-recipe steps, never truly idle: load ~3 from other
 users): next to one more CPU hog, 2.7x slower with the default policy, 1.3x with the passive
 one; without the hog the passive policy was 2x faster too (the other users' processes are hogs
-as well). A truly idle machine was not available to measure; this model's steps are long
-against a thread's wake-up (~10 ms against microseconds).
+as well). A truly idle machine was not available to measure the policy's price there, which
+is a sleeping thread's wake-up (microseconds) per parallel region: re-run the benchmark on one.
 
 OpenMP reads its environment once, when torch loads it: the policy must be in the environment
 before torch is imported (runner.py sets it first thing) or in a child's environment before it
