@@ -447,7 +447,8 @@ def _pop(study: optuna.Study) -> Optional[int]:
     trial's heartbeat recorded *before* it turns RUNNING. Optuna never declares a RUNNING trial
     without any heartbeat stale, so a worker killed between the pop and its first beat would
     leave its run RUNNING forever; a beat on a WAITING trial is harmless (only RUNNING trials
-    are checked, and the next claimer beats again)."""
+    are checked, and the next claimer beats again). The oldest waiting trials are found by one
+    query (storage.waiting_trial_ids), not by reading every trial as Optuna's pop does."""
     storage = study._storage
     beat = bool(rdb(storage).heartbeat_interval)
     while True:
@@ -643,17 +644,6 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            out=sys.stdout, device: Optional[str] = None,
            threads: Optional[int] = None) -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
-    early = _EarlyWorkers(workers - 1) if workers > 1 else None
-    try:
-        return _launch(spec, storage_url, tracking_uri, workers, out, device, threads, early)
-    finally:
-        if early is not None:
-            early.cancel()  # (those that were given their run context are not touched)
-
-
-def _launch(spec: StudySpec, storage_url: str, tracking_uri: str, workers: int, out,
-            device: Optional[str], threads: Optional[int],
-            early: Optional["_EarlyWorkers"]) -> LaunchResult:
     from ablations.tracking import StudyTracker
 
     _check_tracking(tracking_uri)
@@ -710,7 +700,7 @@ def _launch(spec: StudySpec, storage_url: str, tracking_uri: str, workers: int, 
         elif workers == 1:
             work(worker_context(ctx, 0), on_done=progress, out=out)
         else:
-            _run_processes(ctx, workers, study, progress, early)
+            _run_processes(ctx, workers, study, progress)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: finished runs are kept, the runs in flight were re-queued; run the "
@@ -806,82 +796,26 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
                          threads=threads, device=device, wait=wait)
 
 
-class _EarlyWorkers:
-    """Local worker processes started as the launch starts, so that their imports (torch,
-    MLflow, Optuna: 5-15 s on a busy 2-core machine, most of a spawned worker's time before its
-    first run) overlap the launch's own set-up (the same imports, the stores, the queue)
-    instead of following it. Each waits for its WorkerContext, or None if the launch stopped
-    before it had one (then it exits)."""
-
-    def __init__(self, n: int):
-        mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
-        self.procs: list[Any] = []
-        self.conns: list[Any] = []
-        with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
-            for _ in range(n):
-                ours, theirs = mp.Pipe()
-                p = mp.Process(target=_early_worker, args=(theirs,), daemon=False)
-                p.start()
-                theirs.close()
-                self.procs.append(p)
-                self.conns.append(ours)
-
-    def start(self, contexts: list[WorkerContext]) -> None:
-        for conn, ctx in zip(self.conns, contexts):
-            with contextlib.suppress(OSError):  # one that died starting is one worker fewer
-                conn.send(ctx)
-                conn.close()
-        self.conns = []
-
-    def cancel(self) -> None:
-        if not self.conns:
-            return
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(None)
-                conn.close()
-        self.conns = []
-        for p in self.procs:  # still importing: stop them now, the launch's error is waiting
-            p.join(timeout=0.5)
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(timeout=30)
-
-
-def _early_worker(conn: Any) -> None:
-    """Entry point of an early local worker: import what a run needs, then wait for the work."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    warnings.simplefilter("ignore")
-    try:
-        import ablations.tracking  # noqa: F401 - MLflow: the slow part, overlapped with the launch
-        import model.train  # noqa: F401 - torch
-        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (1-3 s)
-        ctx = conn.recv()
-    except (EOFError, OSError, KeyboardInterrupt):  # the launch went away or was interrupted
-        return
-    if ctx is not None:
-        _worker_process(ctx)
-
-
 def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
-                   progress: Callable[[dict[str, Any]], None],
-                   early: Optional[_EarlyWorkers] = None) -> None:
+                   progress: Callable[[dict[str, Any]], None]) -> None:
     """N local workers: this process and N-1 spawned ones; progress comes from polling the store.
 
     This process works too because it is warm (torch, MLflow and Optuna imported): a spawned
     worker spends 5-10 s importing and opening the stores before its first run, which is a
-    large share of a small study (benchmarks/worker_scaling.py). Started early by `launch`
-    (`_EarlyWorkers`), its imports overlap the launch's set-up (benchmarks/startup.py).
+    large share of a small study (benchmarks/worker_scaling.py). (Starting it as the launch
+    starts, so that its imports overlap the launch's set-up, was tried and measured: on a busy
+    2-core machine it delayed the launching process's first run more than it brought the spawned
+    worker's forward; benchmarks/startup.py.)
     """
-    contexts = [worker_context(ctx, i) for i in range(1, workers)]
-    if early is None:
-        early = _EarlyWorkers(workers - 1)
-    procs = early.procs
+    mp = multiprocessing.get_context("spawn")  # fork is unsafe after torch/CUDA/SQLite set-up
+    procs = [mp.Process(target=_worker_process, args=(worker_context(ctx, i),), daemon=False)
+             for i in range(1, workers)]
     ctx = worker_context(ctx, 0)
     seen = set(finished_trial_ids(study._storage, study._study_id))
     lock, stop = threading.Lock(), threading.Event()
-    early.start(contexts)
+    with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
+        for p in procs:
+            p.start()
 
     def poll() -> None:
         with lock:  # (not get_trials: it re-reads every queued trial, seconds for big designs)

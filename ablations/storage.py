@@ -17,8 +17,15 @@ the engine is SQLite on one machine or PostgreSQL/MySQL shared by many. What thi
     annotated with why before they are failed, so the next worker or launch re-queues them.
   * `RetryingRDBStorage.enqueue_trials`: many runs queued in one transaction. Optuna's
     `Study.enqueue_trial` is one transaction and ~10 queries per trial (20-30 ms each on SQLite:
-    a 150 000-run design sat silent for an hour); this writes the same rows in bulk
-    (benchmarks/queue_throughput.py). It is the one place that uses Optuna's table models.
+    50 minutes of silence for a 150 000-run design); this writes the same rows in bulk
+    (benchmarks/queue_throughput.py).
+  * `waiting_trial_ids`, `trial_states_by_user_attr`, `finished_trial_ids`: what a claim and the
+    progress poller need, each by one query. Optuna's get_all_trials re-reads every unfinished
+    trial on each call (its cache keeps finished ones only): seconds per call with thousands of
+    runs queued. `adopt_trial` tells Optuna's cache about a trial claimed that way.
+    These and enqueue_trials are the one place that reads Optuna's tables (its SQLAlchemy
+    models) and its cache's internals directly; tests/test_storage.py checks them against
+    Optuna's own calls.
 
 Heartbeat timing is read from the environment when a storage is opened (integers, seconds):
 CHORUS_HEARTBEAT_S (default 10) and CHORUS_GRACE_S (default 60; a trial whose last beat is
@@ -299,7 +306,8 @@ class RetryingRDBStorage(RDBStorage):
     def _insert_trials(self, session: sqlalchemy.orm.Session, rows: list[dict[str, Any]]) -> list[int]:
         """Insert trial rows; their new ids in order (one statement where the driver can)."""
         table = models.TrialModel
-        if self.engine.dialect.insert_executemany_returning_sort_by_parameter_order:
+        if getattr(self.engine.dialect, "insert_executemany_returning_sort_by_parameter_order",
+                   False):  # (SQLAlchemy >= 2.0 on SQLite >= 3.35 and PostgreSQL)
             return list(session.scalars(sqlalchemy.insert(table).returning(
                 table.trial_id, sort_by_parameter_order=True), rows))
         return [session.execute(sqlalchemy.insert(table).values(**row)).inserted_primary_key[0]

@@ -4,10 +4,12 @@ torch's CPU kernels run on OpenMP (GNU libgomp in the pip wheels). Between two p
 libgomp's idle threads spin for a while (300 000 spins by default) before they sleep. On an idle
 machine that saves a wake-up; next to any other CPU-bound process each spinning thread takes a
 time slice the other process needed, and the thread that has real work waits for one that is
-spinning (measured: 80 fixed-recipe steps 2.6x slower next to one CPU hog on 2 cores, worse
-than the hog's fair share; benchmarks/busy_machine.py). A passive wait policy makes idle threads
-sleep at once; this tiny model's step is long against the wake-up, so an idle machine loses
-nothing measurable.
+spinning. A passive wait policy makes idle threads sleep at once. Measured on the shared 2-core
+machine (benchmarks/busy_machine.py, 80 fixed-recipe steps, never truly idle: load ~3 from other
+users): next to one more CPU hog, 2.7x slower with the default policy, 1.3x with the passive
+one; without the hog the passive policy was 2x faster too (the other users' processes are hogs
+as well). A truly idle machine was not available to measure the policy's price there, which
+is a sleeping thread's wake-up (microseconds) per parallel region: re-run the benchmark on one.
 
 OpenMP reads its environment once, when torch loads it: the policy must be in the environment
 before torch is imported (runner.py sets it first thing) or in a child's environment before it
