@@ -57,7 +57,7 @@ def probe(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Co
 @pytest.mark.parametrize("args", [
     ["fixes"], ["--help"], ["run", "--help"], ["no-such-command"], ["run"],
     ["run", "missing.yaml"], ["run", "tiny.yaml", "--workers", "-1"],
-    ["worker", "tiny.yaml", "--local-workers", "0"],
+    ["worker", "tiny.yaml", "--local-workers", "0"], ["plan", "tiny.yaml"],
 ], ids=lambda a: " ".join(a))
 def test_commands_that_do_not_train_import_neither_torch_nor_mlflow_nor_optuna(tmp_path, args):
     (tmp_path / "tiny.yaml").write_text(STUDY)
