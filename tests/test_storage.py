@@ -207,7 +207,8 @@ def test_reconcile_queues_a_plan_once_in_bulk_and_claims_take_it_in_order(tmp_pa
     assert [t.user_attrs["run_key"] for t in claimed] == [r.run_key for r in plan]
     assert execute._claim(study, spec, keys) is None
     # the claimed trials are known to Optuna's cache: a suggest works, states read back right
-    assert claimed[3].suggest_categorical("seed", list(spec.seeds)) == plan[3].seed
+    assert claimed[3].suggest_categorical("plain_residual", ["off", "on"]) == "off"
+    assert claimed[3].user_attrs["seed"] == plan[3].seed == 3
     assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
 
 
