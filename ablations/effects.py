@@ -354,8 +354,16 @@ def factorial_effects(runs: pd.DataFrame, factors: Sequence[str], note: str = ""
     if aliases is not None and (set(aliases.factors) != set(factors) or check_aliases(aliases, runs)):
         aliases = None  # recorded generators do not describe these runs: read the runs instead
     aliases = aliases or aliases_from_runs(runs, factors)
+    def modelable(o: str) -> bool:
+        """Finite in 2+ runs, and every factor still two-level among them (a loss is not
+        measured where every run of one level diverged: no model of it)."""
+        if o not in runs:
+            return False
+        finite = runs[np.isfinite(runs[o].to_numpy(float))]
+        return len(finite) > 1 and two_level(finite, factors) == factors
+
     fits = {o: factorial_fit(runs, factors, o, aliases, bootstrap=o == "final_val_f1")
-            for o in outcomes if o in runs and np.isfinite(runs[o].to_numpy(float)).sum() > 1}
+            for o in outcomes if modelable(o)}
     rows = []
     for o, fit in fits.items():
         used = fit.data

@@ -279,3 +279,23 @@ def test_verdicts_on_runs_judge_instability_only():
     v2 = analysis.verdicts(eff, runs2).set_index("fix")
     assert (v2["verdict"] == "untested").all()
     assert "untested: no instability in either arm" in v2.loc["bias_init", "reason"]
+
+
+def test_an_outcome_unmeasured_at_one_level_is_not_modelled():
+    """Every run at lr 1e6 diverged, so its loss is not measured there: the loss gets no model
+    (lr would have one level), while F1 (diverged = 0) and the rates still do."""
+    import pandas as pd
+
+    from ablations import effects as fx
+
+    rows = []
+    for a in (False, True):
+        for lr in (0.03, 1e6):
+            for seed in range(3):
+                rows.append({"a": a, "lr": lr, "seed": seed,
+                             "final_val_f1": 0.0 if lr > 1 else 0.4 + 0.1 * a + 0.01 * seed,
+                             "final_val_loss": float("nan") if lr > 1 else 0.5 - 0.01 * seed,
+                             "diverged": float(lr > 1), "collapsed": 0.0})
+    de = fx.factorial_effects(pd.DataFrame(rows), ["a", "lr"], outcomes=("final_val_f1",
+                                                                         "final_val_loss"))
+    assert set(de.fits) == {"final_val_f1"}
