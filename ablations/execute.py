@@ -477,23 +477,27 @@ def _claim(study: optuna.Study, spec: StudySpec, plan_keys: set[str]) -> Optiona
             trial_id = _pop(study)
             if trial_id is None:
                 return None
-            trial = optuna.Trial(study, trial_id)
-            if spec.design == "search":
-                return trial
-            key = trial.user_attrs.get("run_key")
-            others = [state for tid, state in trial_states_by_user_attr(
-                storage, study._study_id, "run_key", key).items() if tid != trial_id]
-            why = ("not a run of the current study file" if key not in plan_keys else
-                   "this run already has a COMPLETE trial"
-                   if TrialState.COMPLETE in others else
-                   "this run is already running in another worker"
-                   if TrialState.RUNNING in others else None)
-            if not why:
-                trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
-                return trial
-            trial.set_user_attr("skipped", why)  # never run or count a run twice
-            trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
-            study.tell(trial, state=TrialState.FAIL)
+            try:
+                trial = optuna.Trial(study, trial_id)
+                if spec.design == "search":
+                    return trial
+                key = trial.user_attrs.get("run_key")
+                others = [state for tid, state in trial_states_by_user_attr(
+                    storage, study._study_id, "run_key", key).items() if tid != trial_id]
+                why = ("not a run of the current study file" if key not in plan_keys else
+                       "this run already has a COMPLETE trial"
+                       if TrialState.COMPLETE in others else
+                       "this run is already running in another worker"
+                       if TrialState.RUNNING in others else None)
+                if not why:
+                    trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
+                    return trial
+                trial.set_user_attr("skipped", why)  # never run or count a run twice
+                trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
+                study.tell(trial, state=TrialState.FAIL)
+            except KeyboardInterrupt:  # popped (RUNNING), not yet in a run's handler
+                _release(study, spec, trial_id)
+                raise
 
 
 def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None,
@@ -516,41 +520,65 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     plan = plan_of(ctx.spec)
     plan_keys = {r.run_key for r in plan}
     n, waiting_since = 0, None
-    while ctx.deadline is None or time.time() < ctx.deadline:
-        trial = _claim(study, ctx.spec, plan_keys)
-        if trial is None and ctx.spec.design == "search":
-            fail_lost(study, tracker)
-            if _search_budget_left(study, ctx.spec):
-                trial = study.ask()
-        if trial is None:
-            if ctx.spec.design == "search":
-                in_flight = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-            else:
-                with queue_lock(storage, ctx.spec.name):
-                    state = reconcile(study, ctx.spec, plan, tracker)
-                if state.enqueued:
-                    print(f"re-queued {len(state.enqueued)} run(s) of lost workers", file=out,
-                          flush=True)
-                    continue
-                in_flight = len(state.pending)
-            if not (ctx.wait and in_flight):
-                break
-            if ctx.announce_wait and (waiting_since is None or time.time() - waiting_since > 60):
-                print(f"waiting: {in_flight} run(s) in flight in other workers (re-run here if "
-                      f"their worker is lost)", file=out, flush=True)
-                waiting_since = time.time()
-            time.sleep(min(heartbeat_s(), 5))
-            continue
-        waiting_since = None
-        with Heartbeat(storage, trial._trial_id):
-            if ctx.spec.design == "search":
-                attrs = run_search_trial(ctx, study, tracker, trial)
-            else:
-                attrs = run_grid_trial(ctx, study, tracker, trial)
-        n += 1
-        if on_done:
-            on_done(attrs)
+    trial = None
+    try:
+        while ctx.deadline is None or time.time() < ctx.deadline:
+            trial = None
+            trial = _claim(study, ctx.spec, plan_keys)
+            if trial is None and ctx.spec.design == "search":
+                fail_lost(study, tracker)
+                if _search_budget_left(study, ctx.spec):
+                    trial = study.ask()
+            if trial is None:
+                if ctx.spec.design == "search":
+                    in_flight = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+                else:
+                    with queue_lock(storage, ctx.spec.name):
+                        state = reconcile(study, ctx.spec, plan, tracker)
+                    if state.enqueued:
+                        print(f"re-queued {len(state.enqueued)} run(s) of lost workers", file=out,
+                              flush=True)
+                        continue
+                    in_flight = len(state.pending)
+                if not (ctx.wait and in_flight):
+                    break
+                if ctx.announce_wait and (waiting_since is None or time.time() - waiting_since > 60):
+                    print(f"waiting: {in_flight} run(s) in flight in other workers (re-run here if "
+                          f"their worker is lost)", file=out, flush=True)
+                    waiting_since = time.time()
+                time.sleep(min(heartbeat_s(), 5))
+                continue
+            waiting_since = None
+            with Heartbeat(storage, trial._trial_id):
+                if ctx.spec.design == "search":
+                    attrs = run_search_trial(ctx, study, tracker, trial)
+                else:
+                    attrs = run_grid_trial(ctx, study, tracker, trial)
+            n += 1
+            if on_done:
+                on_done(attrs)
+    except KeyboardInterrupt:  # between a claim and the run's own handler
+        _release(study, ctx.spec, trial._trial_id if trial is not None else None)
+        raise
     return n
+
+
+def _release(study: optuna.Study, spec: StudySpec, trial_id: Optional[int]) -> None:
+    """An interrupt (Ctrl-C, SIGTERM) between a claim and the run's own handler: the claimed
+    trial is failed as interrupted and its run re-queued, so nothing is left RUNNING."""
+    if trial_id is None:
+        return
+    frozen = study._storage.get_trial(trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return  # the run's handler has dealt with it
+    _tell_failed(study, optuna.Trial(study, trial_id), "interrupted", interrupted=True)
+    attrs = frozen.user_attrs
+    if spec.design != "search" and "run_key" in attrs:
+        keep = ("run_key", "cell_id", "cell", "roles", "seed", "config")
+        study.enqueue_trial(dict(frozen.system_attrs.get("fixed_params") or frozen.params),
+                            user_attrs={**{k: attrs[k] for k in keep if k in attrs},
+                                        "enqueue_id": uuid.uuid4().hex,
+                                        "attempt": attrs.get("attempt", 1)})
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
