@@ -36,7 +36,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ablations import rates
+from ablations import identity, rates
 from ablations.fixes import FIXES
 from ablations.verdicts import Estimate as Estimate_
 from ablations.verdicts import judge
@@ -82,21 +82,6 @@ def study_stress(study: str, tracking_uri: Optional[str] = None) -> list[str]:
     return [s for s in tag.split(",") if s]
 
 
-def parse_cell(cell: str) -> dict[str, object]:
-    """'bias_init=on lr=0.001' -> {'bias_init': True, 'lr': 0.001}."""
-    out: dict[str, object] = {}
-    for part in cell.split():
-        k, _, v = part.partition("=")
-        if k in FIXES and v in ("on", "off"):
-            out[k] = v == "on"
-            continue
-        try:
-            out[k] = float(v)
-        except ValueError:
-            out[k] = v
-    return out
-
-
 def load_runs(study: str, tracking_uri: Optional[str] = None,
               plan: Optional[Iterable[tuple[str, int]]] = None) -> pd.DataFrame:
     """One row per run of the study: factors, seed, status, outcome metrics.
@@ -125,7 +110,7 @@ def load_runs(study: str, tracking_uri: Optional[str] = None,
                    "status": t["status"], "roles": t.get("roles", ""),
                    "first_nonfinite_where": t.get("first_nonfinite_where", ""),
                    "start_time": r.info.start_time}
-            row.update(parse_cell(row["cell"]))
+            row.update(identity.values_of(t))  # the factor values, typed
             for k, v in m.items():
                 if k.startswith("outcome/"):
                     row[k[len("outcome/"):]] = v

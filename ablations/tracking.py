@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ablations import identity
 from ablations.fixes import FIXES
-from ablations.storage import describe_error, env_seconds, with_retry
+from ablations.storage import describe_error, env_seconds, is_transient, with_retry
 from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
@@ -75,6 +76,11 @@ def tracking_transient(e: BaseException) -> bool:
     return (type(e).__name__ in ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout")
             or ("API request to" in msg and "failed" in msg)  # MLflow's REST client, retries spent
             or "database is locked" in msg)
+
+
+def is_outage(e: BaseException) -> bool:
+    """The stores failed (retries spent), not the run: a storage or tracking outage."""
+    return is_transient(e) or tracking_transient(e)
 
 
 def tracking_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None) -> T:
@@ -138,12 +144,10 @@ def headline_metrics(spec: Optional[StudySpec], res: TrainResult) -> dict[str, f
 
 def run_tags(spec: StudySpec, cell: Cell, seed: int, run_key: str, trial_number: int,
              worker: str, attempt: int) -> dict[str, str]:
-    """A run's identity tags (the analysis reads cell, seed, run_key and roles; `worker` and
+    """A run's identity tags (ablations/identity.py: the analysis reads them back; `worker` and
     `attempt` say who ran which attempt)."""
-    tags = {"study": spec.name, "design": spec.design, "cell_id": cell.cell_id,
-            "cell": cell.label(spec.factors), "roles": ",".join(cell.roles), "seed": str(seed),
-            "run_key": run_key, "optuna_trial": str(trial_number), "worker": worker,
-            "attempt": str(attempt)}
+    tags = {"study": spec.name, "design": spec.design, **identity.tags(spec, cell, seed, run_key),
+            "optuna_trial": str(trial_number), "worker": worker, "attempt": str(attempt)}
     return _nonempty(tags)
 
 

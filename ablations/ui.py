@@ -237,13 +237,13 @@ def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
     its runs; None before any launch."""
     from ablations.fixes import FIXES
 
-    launches = client.search_runs([experiment_id], "tags.kind = 'launch'", max_results=1,
-                                  order_by=["attributes.start_time DESC"])
-    if not launches:
+    launch = views.latest_launch(client, experiment_id)
+    if launch is None:
         return None
-    params = launches[0].data.params
+    params = launch.data.params
     factors = [(f, f in FIXES) for f in params.get("factors", "").split(",") if f]
-    objective = (params.get("objective") or "").split(" ")[0] or None
+    # (a launch from before `objective_metric` was logged has only "METRIC (direction)")
+    objective = params.get("objective_metric") or (params.get("objective") or "").partition(" (")[0] or None
     names = [r.info.run_name or "" for r in client.search_runs(
         [experiment_id], "tags.kind = 'run'", max_results=1000)]
     return views.StudyLayout(factors, objective, max(map(len, names), default=40))
