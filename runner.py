@@ -135,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ablations.power import preamble
 
     print("\n".join(preamble(spec, args.tracking_uri)), flush=True)
-    from ablations.execute import StoreError, launch  # (after the checks: errors come fast)
+    from ablations.launch import launch  # (after the checks: errors come fast)
+    from ablations.storage import StoreError
 
     _sigterm_is_ctrl_c()
     try:
@@ -230,7 +231,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
-    from ablations.execute import StoreError, study_status
+    from ablations.progress import study_status
+    from ablations.storage import StoreError
 
     try:
         st = study_status(spec, args.storage)
@@ -281,9 +283,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.local_workers < 1:
         raise _BadInput(f"--local-workers {args.local_workers}: must be >= 1")
     spec = _load_spec(args.study)
-    from ablations.execute import (Progress, StoreError, count_done, join, load_study, plan_of,
-                                   study_status, threads_per_worker, work)
-    from ablations.storage import open_storage
+    from ablations.launch import join, threads_per_worker
+    from ablations.progress import Progress, count_done, study_status
+    from ablations.storage import StoreError, open_storage
+    from ablations.study import load_study, plan_of
+    from ablations.worker import work
 
     _sigterm_is_ctrl_c()
     try:
@@ -295,9 +299,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
               + (f", device {ctx.device}" if ctx.device else ""), flush=True)
         study = load_study(spec, open_storage(args.storage))
-        keys = {r.run_key for r in plan_of(spec)}
-        progress = Progress(total=st["total"] or 0, already=st["done"], workers=1,
-                            done_fn=lambda: count_done(study, spec, keys))
+        plan = plan_of(spec)
+        progress = Progress(total=st["total"] or 0, already=st["done"],
+                            done_fn=lambda: count_done(study, plan))
         n = work(ctx, on_done=progress)
     except StoreError as e:
         raise _BadInput(str(e)) from None
@@ -447,8 +451,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a store that went away mid-study: one line, finished runs are kept
-        from ablations.execute import is_outage
         from ablations.storage import StoreUnavailable
+        from ablations.tracking import is_outage
 
         if not (isinstance(e, StoreUnavailable) or is_outage(e)):
             raise

@@ -12,7 +12,7 @@ TrainConfig, so the same run always has the same key whatever study or launch en
                         Box, Hunter & Hunter (Montgomery, Table 8.14); only designs of resolution
                         >= IV are allowed, so main effects are not aliased with two-factor
                         interactions
-  search                cells sampled by Optuna (TPE or random); built in execute.py
+  search                cells sampled by Optuna (TPE or random); sampled in ablations/trial.py
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ _NOTE = re.compile(r"2\^\((\d+)-(\d+)\)[^:]*:\s*(?P<gens>[A-Z]=[A-Z]+(?:,\s*[A-Z
 
 
 def aliases_from_note(note: str, factors: Sequence[str]) -> Optional[Aliases]:
-    """Read the generators written on the MLflow experiment by `execute.launch`, e.g.
+    """Read the generators written on the MLflow experiment by `launch.launch`, e.g.
     'Design: 2^(5-1) resolution V: E=ABCD (A=bias_init, B=no_clamp, ...)'. None if absent."""
     m = _NOTE.search(note or "")
     if not m:
@@ -346,7 +346,7 @@ def factorial_effects(runs: pd.DataFrame, factors: Sequence[str], note: str = ""
 
     `factors`: the two-level factors to analyse (the caller leaves out e.g. stress factors, or
     passes one stress rung's runs). `note`: the MLflow experiment's description, where
-    execute.launch writes a fraction's generators."""
+    launch.launch writes a fraction's generators."""
     from ablations import rates
 
     factors = list(factors)

@@ -349,6 +349,17 @@ def open_storage(url: str) -> RetryingRDBStorage:
                       "open the storage", transient=is_dropped)
 
 
+# Optuna keeps a Study's storage and id, and a Trial's id, private; the queue needs them. Every
+# private Optuna name this project uses is in this module (and these three are read only here).
+def handles(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
+    """The storage behind a study (Optuna's cache in front of the RDB) and the study's id."""
+    return study._storage, study._study_id
+
+
+def trial_id_of(trial: optuna.Trial) -> int:
+    return trial._trial_id
+
+
 def rdb(storage: optuna.storages.BaseStorage) -> RDBStorage:
     """The RDBStorage behind a study's storage (Optuna wraps it in a cache)."""
     return getattr(storage, "_backend", storage)  # type: ignore[return-value]
@@ -483,11 +494,12 @@ def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     Like optuna.storages.fail_stale_trials, but each is annotated first (a finished trial's
     attributes can no longer be set): `error` says why, so `status` and the trial list show it.
     """
-    storage = rdb(study._storage)
+    cached, study_id = handles(study)
+    storage = rdb(cached)
     if not isinstance(storage, RDBStorage) or storage.heartbeat_interval is None:
         return []
     failed = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
+    for trial_id in storage._get_stale_trial_ids(study_id):
         try:
             storage.set_trial_user_attr(trial_id, "error", (
                 f"worker lost: no heartbeat for over {storage.grace_period} s (killed, out of "

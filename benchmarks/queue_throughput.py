@@ -5,12 +5,12 @@
 
 On a fresh SQLite Optuna storage (in a temporary directory), with the code `runner.py run` uses:
 
-  plan     designs.runs(spec) and every run key: the plan the launch and every worker make
-  bulk     execute.reconcile(): every run of the plan queued as a WAITING trial, in one
+  plan     study.plan_of(spec) and every run key: the plan the launch and every worker make
+  bulk     queue.reconcile(): every run of the plan queued as a WAITING trial, in one
            transaction (storage.RetryingRDBStorage.enqueue_trials), under the queue lock
   resume   reconcile() again on the full queue: nothing to add (a second launch, a worker's end)
-  claim    one worker claim (execute._claim) with the whole queue waiting
-  one-by-one  the previous way, execute.enqueue_run() (Optuna's Study.enqueue_trial) per run,
+  claim    one worker claim (queue.claim) with the whole queue waiting
+  one-by-one  the previous way, queue.enqueue_run() (Optuna's Study.enqueue_trial) per run,
            timed on the first `--sample` runs of the same plan in a second fresh study
 
 The design: 2 cells (bias_init off/on) x runs/2 seeds, so that parsing the study file stays
@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations import designs, execute  # noqa: E402
+from ablations import queue  # noqa: E402
+from ablations.study import load_study, plan_of  # noqa: E402
 from ablations.spec import parse_spec  # noqa: E402
 from ablations.storage import open_storage, queue_lock  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
@@ -45,36 +46,36 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="queue_throughput_"))
 
     t = time.perf_counter()
-    plan = designs.runs(spec)
-    keys = {r.run_key for r in plan}
+    plan = plan_of(spec)
+    plan.keys  # (hashing every run's config is part of making the plan)
     t_plan = time.perf_counter() - t
     print(f"plan      {len(plan):>6} runs in {t_plan:6.2f} s ({len(plan) / t_plan:8.0f} runs/s)")
 
     storage = open_storage(f"sqlite:///{tmp}/bulk.db")
-    study = execute.load_study(spec, storage, create=True)
+    study = load_study(spec, storage, create=True)
     t = time.perf_counter()
     with queue_lock(storage, spec.name):
-        state = execute.reconcile(study, spec, plan)
+        state = queue.reconcile(study, plan)
     t_bulk = time.perf_counter() - t
     assert len(state.enqueued) == len(plan)
     print(f"bulk      {len(plan):>6} runs in {t_bulk:6.2f} s ({len(plan) / t_bulk:8.0f} runs/s)"
           f"  [load {load_average()}]")
     t = time.perf_counter()
     with queue_lock(storage, spec.name):
-        again = execute.reconcile(study, spec, plan)
+        again = queue.reconcile(study, plan)
     t_resume = time.perf_counter() - t
     assert not again.enqueued and len(again.queued) == len(plan)
     print(f"resume    {len(plan):>6} runs checked in {t_resume:6.2f} s, none added")
     t = time.perf_counter()
-    trial = execute._claim(study, spec, keys)
+    trial = queue.claim(study, plan)
     t_claim = time.perf_counter() - t
     assert trial is not None
     print(f"claim     one run with {len(plan) - 1} others waiting: {t_claim:6.2f} s")
 
-    study1 = execute.load_study(spec, open_storage(f"sqlite:///{tmp}/one.db"), create=True)
+    study1 = load_study(spec, open_storage(f"sqlite:///{tmp}/one.db"), create=True)
     t = time.perf_counter()
     for run in plan[:args.sample]:
-        execute.enqueue_run(study1, spec, run, attempt=1)
+        queue.enqueue_run(study1, spec, run, attempt=1)
     t_one = time.perf_counter() - t
     print(f"one-by-one {args.sample:>5} runs in {t_one:6.2f} s ({args.sample / t_one:8.0f} runs/s)"
           f"  [load {load_average()}]")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ablations.execute import launch  # noqa: E402
+from ablations.launch import launch  # noqa: E402
 from ablations.spec import parse_spec  # noqa: E402
 from ablations.tracking import StudyTracker  # noqa: E402
 from model.config import TrainConfig  # noqa: E402

@@ -1,4 +1,4 @@
-"""ablations/execute.py end to end: a real Optuna SQLite storage and a real MLflow SQLite store.
+"""The study engine end to end (ablations/launch, queue, worker, trial, progress): a real Optuna SQLite storage and a real MLflow SQLite store.
 
 Every study here trains a tiny network (2 epochs x 3 steps on 4 short synthetic songs), so a run
 takes a fraction of a second; what costs time is the stores. An empty, migrated MLflow database
@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -22,8 +21,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-import ablations.execute as execute
-from ablations import designs
+from ablations import designs, progress, queue
+from ablations import trial as trial_module
+from ablations.launch import launch
+from ablations.storage import open_storage
+from ablations.study import load_study, plan_of
 from ablations.spec import load_spec
 from model.config import TrainConfig
 from model.train import train as real_train
@@ -65,7 +67,7 @@ class Stores:
     def launch(self, spec, **kw):
         out = io.StringIO()
         with contextlib.chdir(self.dir):  # MLflow's ./mlruns artifacts land here
-            res = execute.launch(spec, storage_url=self.storage, tracking_uri=self.tracking,
+            res = launch(spec, storage_url=self.storage, tracking_uri=self.tracking,
                                  out=out, **kw)
         return res, out.getvalue()
 
@@ -91,7 +93,7 @@ def by_run_key(trials) -> dict:
 
 
 class CountingTrain:
-    """Stands in for ablations.execute.train: counts calls, can fail chosen calls."""
+    """Stands in for ablations.trial.train: counts calls, can fail chosen calls."""
 
     def __init__(self, fail=None):
         self.calls = []
@@ -269,7 +271,7 @@ def test_grid_relaunch_is_a_noop(grid):
     trials = st.trials(spec)
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {c.info.run_id for c in st.runs(spec, "run")} == {c.info.run_id for c in grid.children}
-    status = execute.study_status(spec, st.storage)
+    status = progress.study_status(spec, st.storage)
     assert (status["done"], status["total"], status["queued"], status["running"],
             status["given_up"]) == (8, 8, 0, 0, 0)
 
@@ -282,7 +284,7 @@ def resumed(tmp_path_factory, mlflow_template):
     spec = load_spec(write_study(d, "resume2x2", GRID_2X2))
     counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n == 3 else None)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(execute, "train", counting)
+        mp.setattr(trial_module, "train", counting)
         first, _ = st.launch(spec)
         trials_between = st.trials(spec)
         second, out2 = st.launch(spec)
@@ -363,7 +365,7 @@ def test_a_run_that_always_crashes_is_given_up_after_its_retries(stores, monkeyp
     spec = load_spec(write_study(stores.dir, "retry", ONE_FIX + "retries: 1\n"))
     counting = CountingTrain(
         fail=lambda n, cfg: RuntimeError("boom: verse-biased") if broken_bias(cfg) else None)
-    monkeypatch.setattr(execute, "train", counting)
+    monkeypatch.setattr(trial_module, "train", counting)
     r, out = stores.launch(spec)
     assert (r.total, r.done, r.gave_up, r.interrupted) == (2, 1, 1, False)
     assert "crashed" in out and "boom" in out
@@ -382,7 +384,7 @@ def test_a_run_that_always_crashes_is_given_up_after_its_retries(stores, monkeyp
     (good,) = groups.values()
     assert [t.state for t in good] == [TrialState.COMPLETE]
     assert sum(broken_bias(c) for c in counting.calls) == 2
-    status = execute.study_status(spec, stores.storage)
+    status = progress.study_status(spec, stores.storage)
     assert (status["done"], status["given_up"], status["failed_attempts"]) == (1, 1, 2)
     launches = stores.runs(spec, "launch")
     assert [l.info.status for l in launches] == ["FAILED"]
@@ -404,7 +406,7 @@ def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
             return RuntimeError("flaky once")
         return None
 
-    monkeypatch.setattr(execute, "train", CountingTrain(fail=fail))
+    monkeypatch.setattr(trial_module, "train", CountingTrain(fail=fail))
     r, _ = stores.launch(spec)
     assert (r.total, r.done, r.gave_up, r.interrupted) == (2, 2, 0, False)
     trials = stores.trials(spec)
@@ -417,7 +419,7 @@ def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
 
 def test_no_retries_means_one_attempt(stores, monkeypatch):
     spec = load_spec(write_study(stores.dir, "noretry", ONE_FIX + "retries: 0\n"))
-    monkeypatch.setattr(execute, "train", CountingTrain(
+    monkeypatch.setattr(trial_module, "train", CountingTrain(
         fail=lambda n, cfg: RuntimeError("boom") if broken_bias(cfg) else None))
     r, _ = stores.launch(spec)
     assert (r.done, r.gave_up) == (1, 1)
@@ -434,7 +436,7 @@ def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, 
     for run in plan:  # the config really diverges
         assert real_train(run.config).status == "diverged"
     counting = CountingTrain()
-    monkeypatch.setattr(execute, "train", counting)
+    monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(spec)
     assert (r.total, r.done, r.gave_up) == (2, 2, 0)
     assert len(counting.calls) == 2  # not retried
@@ -463,7 +465,7 @@ def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, 
         assert int(bad[0]["step"]) == t.user_attrs["first_nonfinite_step"]
         events = list(csv.DictReader(io.StringIO(stores.text(rid, "nonfinite_events.csv"))))
         assert events and events[-1]["action"] == "stopped"
-    st = execute.study_status(spec, stores.storage)
+    st = progress.study_status(spec, stores.storage)
     assert st["diverged"] == 2 and st["done"] == 2
 
 
@@ -473,10 +475,10 @@ def test_a_relaunch_counts_runs_in_flight_and_queued_runs_apart(stores, tmp_path
     spec = load_spec(write_study(tmp_path, "counted", GRID_2X2))
     _, out = stores.launch(spec, workers=0)
     assert "(0 done, 0 in flight elsewhere, 8 queued, 0 given up)" in out
-    study = execute.load_study(spec, execute.open_storage(stores.storage))
-    keys = {r.run_key for r in designs.runs(spec)}
+    study = load_study(spec, open_storage(stores.storage))
+    plan = plan_of(spec)
     for _ in range(2):  # two workers claimed a run each, then were killed (heartbeats fresh)
-        assert execute._claim(study, spec, keys) is not None
+        assert queue.claim(study, plan) is not None
     _, out = stores.launch(spec, workers=0)
     assert "(0 done, 2 in flight elsewhere, 6 queued, 0 given up)" in out
 
@@ -486,7 +488,7 @@ def test_runs_queued_by_an_older_version_of_the_study_are_not_run(stores, monkey
     (FAIL, orphaned), only the current file's runs train and count."""
     old = load_spec(write_study(stores.dir, "edited", ONE_FIX))
     counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n == 1 else None)
-    monkeypatch.setattr(execute, "train", counting)
+    monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(old)
     assert r.interrupted and r.done == 0
     new = load_spec(write_study(stores.dir, "edited", ONE_FIX, base_extra="dropout: 0.2"))
@@ -558,7 +560,7 @@ def test_search_trials_that_always_crash_stop_after_the_retries(stores, monkeypa
     guard = 12  # an Interrupt stops a launch that would never end on its own
     counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n >= guard
                              else RuntimeError("always"))
-    monkeypatch.setattr(execute, "train", counting)
+    monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(spec)
     assert not r.interrupted, f"launch did not stop by itself: {len(counting.calls)} attempts"
     assert len(counting.calls) <= 2 * (1 + 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ablations import analysis, report
-from ablations.execute import launch
+from ablations.launch import launch
 from ablations.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -92,7 +92,7 @@ def test_calm_openmp_keeps_a_users_choice():
 
 
 def test_worker_processes_inherit_the_passive_policy(monkeypatch):
-    """Local workers are started inside child_env (execute._run_processes): a child started
+    """Local workers are started inside child_env (launch._run_processes): a child started
     there sees the policy even when this process (a library caller) runs without it."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)

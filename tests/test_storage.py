@@ -1,4 +1,4 @@
-"""ablations/storage.py and the fault paths of execute/tracking, on real stores, in-process.
+"""ablations/storage.py and the fault paths of the queue, workers and tracking, on real stores, in-process.
 
 SQLite tests run everywhere; the PostgreSQL ones need the server `.ci/postgres` starts (they
 skip without it, and fail in CI where CHORUS_REQUIRE_POSTGRES is set). The multi-process
@@ -19,14 +19,16 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-import ablations.execute as execute
 import pgdb
+from ablations import launch as launching
+from ablations import progress, queue
 from ablations import storage as st
+from ablations import worker
+from ablations.study import load_study, plan_of
 from ablations.spec import load_spec
 from ablations.tracking import ChildRun, StudyTracker
 
@@ -66,13 +68,13 @@ class Queued:
         self.spec = load_spec(tmp_path / f"{name}.yaml")
         self.storage = f"sqlite:///{tmp_path}/o.db"
         self.tracking = f"sqlite:///{tmp_path}/m.db"
-        execute.launch(self.spec, self.storage, self.tracking, workers=0, out=io.StringIO())
-        self.study = execute.load_study(self.spec, st.open_storage(self.storage))
-        self.plan = execute.plan_of(self.spec)
+        launching.launch(self.spec, self.storage, self.tracking, workers=0, out=io.StringIO())
+        self.study = load_study(self.spec, st.open_storage(self.storage))
+        self.plan = plan_of(self.spec)
 
     def claim(self):
         """Claim a run as a worker would (and then 'die': nobody beats its heartbeat)."""
-        return execute._claim(self.study, self.spec, {r.run_key for r in self.plan})
+        return queue.claim(self.study, self.plan)
 
 
 def new_study(url: str, name: str = "s") -> optuna.Study:
@@ -194,18 +196,17 @@ def test_reconcile_queues_a_plan_once_in_bulk_and_claims_take_it_in_order(tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "b.yaml").write_text(TINY.format(name="b").replace("seeds: [0]", "seeds: 6"))
     spec = load_spec(tmp_path / "b.yaml")
-    study = execute.load_study(spec, st.open_storage(f"sqlite:///{tmp_path}/o.db"), create=True)
+    study = load_study(spec, st.open_storage(f"sqlite:///{tmp_path}/o.db"), create=True)
     monkeypatch.setattr(optuna.Study, "enqueue_trial", None)  # the bulk path only
-    plan = execute.plan_of(spec)
-    first = execute.reconcile(study, spec, plan)
+    plan = plan_of(spec)
+    first = queue.reconcile(study, plan)
     assert len(first.enqueued) == 12 and not first.queued
-    again = execute.reconcile(study, spec, plan)
+    again = queue.reconcile(study, plan)
     assert not again.enqueued and sorted(again.queued) == sorted(r.run_key for r in plan)
-    keys = {r.run_key for r in plan}
-    claimed = [execute._claim(study, spec, keys) for _ in range(12)]
+    claimed = [queue.claim(study, plan) for _ in range(12)]
     assert [t.number for t in claimed] == list(range(12))
     assert [t.user_attrs["run_key"] for t in claimed] == [r.run_key for r in plan]
-    assert execute._claim(study, spec, keys) is None
+    assert queue.claim(study, plan) is None
     # the claimed trials are known to Optuna's cache: a suggest works, states read back right
     assert claimed[3].suggest_categorical("plain_residual", ["off", "on"]) == "off"
     assert claimed[3].user_attrs["seed"] == plan[3].seed == 3
@@ -270,7 +271,7 @@ def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monk
         "kind": "run", "optuna_trial": str(trial.number)}).info.run_id
     time.sleep(3)  # > CHORUS_GRACE_S without a heartbeat
     out = io.StringIO()
-    res = execute.launch(spec, storage_url, tracking, workers=1, out=out)
+    res = launching.launch(spec, storage_url, tracking, workers=1, out=out)
     assert (res.done, res.total, res.gave_up) == (2, 2, 0)
     trials = study.get_trials()
     lost = [t for t in trials if t.user_attrs.get("lost")]
@@ -280,7 +281,7 @@ def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monk
              and t.user_attrs["run_key"] == lost[0].user_attrs["run_key"]]
     assert len(again) == 1 and again[0].user_attrs["attempt"] == 2  # a lost worker is a crash
     assert tracker.client.get_run(dead).info.status == "KILLED"
-    st_ = execute.study_status(spec, storage_url)
+    st_ = progress.study_status(spec, storage_url)
     assert (st_["done"], st_["running"], st_["failed_attempts"]) == (2, 0, 1)
 
 
@@ -291,11 +292,11 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     q.claim()  # then "dies"
     out = io.StringIO()
-    n = execute.work(execute.join(spec, storage_url, tracking), out=out)
+    n = worker.work(launching.join(spec, storage_url, tracking), out=out)
     assert n == 2  # its own run, then the lost one once it went stale
     assert "waiting: 1 run(s) in flight" in out.getvalue()
     assert "re-queued 1 run(s) of lost workers" in out.getvalue()
-    assert execute.count_done(study, spec) == 2
+    assert progress.count_done(study, plan_of(spec)) == 2
 
 
 def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeypatch):
@@ -303,11 +304,11 @@ def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeyp
     q = Queued(tmp_path, "nowait")
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     q.claim()
-    (running,) = execute.study_status(spec, storage_url)["in_flight"]  # who runs what, for `status`
-    assert running["worker"] == execute.WORKER_ID and running["seed"] == 0
+    (running,) = progress.study_status(spec, storage_url)["in_flight"]  # who runs what, for `status`
+    assert running["worker"] == queue.WORKER_ID and running["seed"] == 0
     assert 0 <= running["running_s"] < 60
-    ctx = execute.join(spec, storage_url, tracking, wait=False)
-    assert execute.work(ctx, out=io.StringIO()) == 1
+    ctx = launching.join(spec, storage_url, tracking, wait=False)
+    assert worker.work(ctx, out=io.StringIO()) == 1
 
 
 def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, monkeypatch):
@@ -316,14 +317,13 @@ def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     q = Queued(tmp_path, "dup")
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
-    plan = execute.plan_of(spec)
-    execute.enqueue_run(study, spec, plan[0], attempt=1)  # a duplicate of the first run
-    keys = {r.run_key for r in plan}
-    first = execute._claim(study, spec, keys)
-    second = execute._claim(study, spec, keys)
+    plan = plan_of(spec)
+    queue.enqueue_run(study, spec, plan[0], attempt=1)  # a duplicate of the first run
+    first = queue.claim(study, plan)
+    second = queue.claim(study, plan)
     assert first.user_attrs["run_key"] == plan[0].run_key
     assert second.user_attrs["run_key"] == plan[1].run_key
-    assert execute._claim(study, spec, keys) is None  # the duplicate was passed over
+    assert queue.claim(study, plan) is None  # the duplicate was passed over
     skipped = [t for t in study.get_trials() if t.user_attrs.get("skipped")]
     assert len(skipped) == 1 and "already running in another worker" in skipped[0].user_attrs["skipped"]
 
@@ -458,9 +458,9 @@ def test_postgres_study_runs_in_process(pg_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pgs.yaml").write_text(TINY.format(name="pgs"))
     spec = load_spec(tmp_path / "pgs.yaml")
-    res = execute.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
+    res = launching.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
     assert (res.done, res.total) == (2, 2)
-    again = execute.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
+    again = launching.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
     assert again.done == 2 and len(optuna.load_study(study_name="pgs", storage=pg_url).get_trials()) == 2
 
 
@@ -470,14 +470,14 @@ def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path
     monkeypatch.chdir(tmp_path)
     q = Queued(tmp_path, "dev", TINY.format(name="dev").replace("device: cpu", "device: auto"))
     spec, storage_url, tracking = q.spec, q.storage, q.tracking
-    assert execute.work(execute.join(spec, storage_url, tracking, device="cpu"),
+    assert worker.work(launching.join(spec, storage_url, tracking, device="cpu"),
                         out=io.StringIO()) == 2
-    study = execute.load_study(spec, st.open_storage(storage_url))
-    assert execute.count_done(study, spec) == 2
+    study = load_study(spec, st.open_storage(storage_url))
+    assert progress.count_done(study, plan_of(spec)) == 2
     runs = StudyTracker(tracking, "dev").client.search_runs(
         [StudyTracker(tracking, "dev").experiment_id], "tags.kind = 'run'")
     assert [r.data.params["device"] for r in runs] == ["cpu", "cpu"]
-    assert {r.data.tags["run_key"] for r in runs} == {r.run_key for r in execute.plan_of(spec)}
+    assert {r.data.tags["run_key"] for r in runs} == {r.run_key for r in plan_of(spec)}
     assert all(":" in r.data.tags["worker"] for r in runs)
 
 
@@ -523,12 +523,12 @@ def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
 
 
 def test_run_shares_a_device_list_out_between_its_local_workers():
-    ctx = execute.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
+    ctx = worker.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
                                 device="cuda:0,cuda:1")
-    assert [execute.worker_context(ctx, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    one = execute.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
+    assert [launching.worker_context(ctx, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    one = worker.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
                                 device="cuda:1")
-    assert execute.worker_context(one, 5).device == "cuda:1"
+    assert launching.worker_context(one, 5).device == "cuda:1"
 
 
 @pytest.mark.slow  # ~25 s: a launch with 2 worker processes, stopped, then resumed

@@ -9,7 +9,7 @@ import json
 import pytest
 from test_execute import CountingTrain, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
-import ablations.execute as execute
+from ablations import trial as trial_module
 from ablations import analysis, designs, report
 from ablations.spec import load_spec
 
@@ -86,7 +86,7 @@ seeds: 2
         first, _ = stores.launch(spec)
     assert first.done == 4
     counting = CountingTrain()
-    monkeypatch.setattr(execute, "train", counting)
+    monkeypatch.setattr(trial_module, "train", counting)
     second, out = stores.launch(spec)
     assert second.done == 4 and counting.calls == []
     assert "(4 done" in out

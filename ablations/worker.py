@@ -1,0 +1,136 @@
+"""A worker: claim a run, train it with a heartbeat going, repeat until nothing is left.
+
+Any number of workers, on any machines that reach both stores, work one study: a local one
+started by `launch`, `runner.py worker` anywhere else. A worker killed outright leaves its trial
+RUNNING with a heartbeat that stops; another worker (or the next launch) then re-queues the run
+(ablations/queue.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import optuna
+
+from ablations import queue, trial as trials
+from ablations.spec import StudySpec
+from ablations.storage import StoreUnavailable, heartbeat_s, open_storage, rdb, trial_id_of
+from ablations.study import load_study, plan_of
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything a worker process needs (picklable)."""
+
+    spec: StudySpec
+    storage_url: str
+    tracking_uri: str
+    parent_run_id: Optional[str]
+    deadline: Optional[float] = None  # time.time() after which no new run starts
+    threads: Optional[int] = None  # torch threads (workers on one machine split the cores)
+    device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
+    wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
+    announce_wait: bool = True  # say so (not for local workers: siblings finishing is normal)
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every CHORUS_HEARTBEAT_S seconds while a run trains."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.interval = heartbeat_s()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a missed beat is not worth killing the run over
+                pass
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> "Heartbeat":
+        # (Optuna's storages have no is_heartbeat_enabled(): an earlier check for it silently
+        # never started this thread, so killed workers' trials were never found stale.)
+        if rdb(self.storage).heartbeat_interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+
+
+def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = None,
+         out=sys.stdout) -> int:
+    """Claim and execute runs until none is left (or the deadline passes). Returns runs executed.
+
+    With nothing queued, a worker re-queues the runs of lost workers (stale heartbeats) and, if
+    `ctx.wait`, waits while other workers still have runs in flight, so a run whose worker is
+    killed is re-run by a survivor instead of waiting for the next launch.
+    """
+    from ablations.tracking import StudyTracker
+
+    if ctx.threads:
+        import torch
+
+        torch.set_num_threads(ctx.threads)
+    storage = open_storage(ctx.storage_url)
+    study = load_study(ctx.spec, storage)
+    tracker = StudyTracker(ctx.tracking_uri, ctx.spec.name)
+    plan = plan_of(ctx.spec)
+    run_trial = trials.run_search_trial if plan.search else trials.run_grid_trial
+    n, waiting_since = 0, None
+    trial = None
+    try:
+        while ctx.deadline is None or time.time() < ctx.deadline:
+            trial = None
+            trial = queue.claim(study, plan)
+            if trial is None:
+                trial, in_flight, requeued = queue.refill(study, plan, tracker)
+                if requeued:
+                    print(f"re-queued {requeued} run(s) of lost workers", file=out, flush=True)
+                    continue
+            if trial is None:
+                if not (ctx.wait and in_flight):
+                    break
+                if ctx.announce_wait and (waiting_since is None or time.time() - waiting_since > 60):
+                    print(f"waiting: {in_flight} run(s) in flight in other workers (re-run here if "
+                          f"their worker is lost)", file=out, flush=True)
+                    waiting_since = time.time()
+                time.sleep(min(heartbeat_s(), 5))
+                continue
+            waiting_since = None
+            with Heartbeat(storage, trial_id_of(trial)):
+                attrs = run_trial(ctx, study, tracker, trial)
+            n += 1
+            if on_done:
+                on_done(attrs)
+    except KeyboardInterrupt:  # between a claim and the run's own handler
+        queue.release(study, trial_id_of(trial) if trial is not None else None)
+        raise
+    return n
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def worker_process(ctx: WorkerContext) -> None:
+    """Entry point of a local worker process (spawned by `launch`): SIGTERM stops it as Ctrl-C
+    does (the run in flight re-queued)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    warnings.simplefilter("ignore")
+    try:
+        work(ctx)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except StoreUnavailable as e:
+        print(f"worker {queue.WORKER_ID}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
