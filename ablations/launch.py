@@ -107,13 +107,13 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     # Runs that crashed past their retries, and the summary, from the store itself.
     end = plan_state(study, plan)
     done, gave_up, total = len(end.done), len(end.gave_up), plan.total
+    summary = summarize(study, plan)
     tracker.end_launch(parent, "KILLED" if interrupted else
                        "FINISHED" if done >= total or workers == 0 else "FAILED",
                        {"runs_done": float(done), "runs_total": float(total),
                         "runs_given_up": float(gave_up)},
                        note=launch_note(spec.name, done, total, gave_up, interrupted))
-    return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id,
-                        summarize(study, plan))
+    return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
 
 
 def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,
