@@ -290,7 +290,20 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
     monkeypatch.chdir(tmp_path)
     q = Queued(tmp_path, "wait")
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
-    q.claim()  # then "dies"
+    dead = q.claim()  # then "dies"
+    # The dead worker's last beat lands as the live one finishes its own run, so the lost run is
+    # in flight (not yet stale) when the live worker runs out of queued runs, however long that
+    # run took on a loaded machine: the worker must wait, then re-run it once it goes stale.
+    from ablations import trial as trial_mod
+
+    real_train = trial_mod.train
+
+    def train_then_beat(*a, **kw):
+        res = real_train(*a, **kw)
+        st.handles(study)[0].record_heartbeat(st.trial_id_of(dead))
+        return res
+
+    monkeypatch.setattr(trial_mod, "train", train_then_beat)
     out = io.StringIO()
     n = worker.work(launching.join(spec, storage_url, tracking), out=out)
     assert n == 2  # its own run, then the lost one once it went stale
