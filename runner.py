@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         res = train(cfg, log=log)
-    except ConfigError as e:  # e.g. a data directory that does not exist (model.harmonix.DataError)
+    except ConfigError as e:  # e.g. a data directory that does not exist (model.config.DataError)
         raise _BadInput(str(e)) from None
     first = ("-" if res.first_nonfinite_step is None else
              f"{res.first_nonfinite_step}" + (f" in {res.first_nonfinite_where}"

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field, the value and what is allowed."""
 
 
+class DataError(ConfigError):
+    """A data file or directory that cannot be used; the message names it (and the line)."""
+
+
 class HighLearningRateWarning(UserWarning):
     """The seed's "learning rate warning": lr above the recommended 1e-4..5e-4."""
 
