@@ -32,8 +32,6 @@ from model import harmonix
 from model.audio import FeatureParams
 from model.config import ConfigError, DataError, TrainConfig
 
-CHORUS = 1  # label of chorus frames; 0 = everything else ("verse" in the seed's wording)
-
 # Median section lengths (seconds) in the Harmonix Set segment files.
 MEDIAN_SECONDS = {"intro": 13.2, "verse": 22.4, "prechorus": 14.8, "chorus": 20.2,
                   "postchorus": 15.0, "bridge": 21.2, "outro": 15.0}
