@@ -153,7 +153,9 @@ def with_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None,
                   file=sys.stderr, flush=True)
 
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(transient),
+        # Exceptions only: a KeyboardInterrupt (or SIGTERM's exit) raised while SQLAlchemy was
+        # handling a lost connection carries that error as its context, and must still stop us.
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, Exception) and transient(e)),
         wait=_backoff,
         stop=tenacity.stop_before_delay(retry_budget_s() if budget_s is None else budget_s),
         before_sleep=before_sleep,

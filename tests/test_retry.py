@@ -63,6 +63,18 @@ def test_other_errors_are_raised_at_once(sleeps):
     assert len(calls) == 1 and sleeps == []
 
 
+def test_an_interrupt_is_never_retried_even_with_a_transient_fault_as_its_context(sleeps):
+    def fn():
+        try:
+            raise locked()
+        except sqlalchemy.exc.OperationalError:
+            raise KeyboardInterrupt  # Ctrl-C while the driver handled the fault
+
+    with pytest.raises(KeyboardInterrupt):
+        retry.with_retry(fn, "x", budget_s=60)
+    assert sleeps == []
+
+
 def test_the_last_fault_is_raised_as_it_was_once_the_budget_is_spent():
     faults = [locked() for _ in range(100)]
     last = []
