@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         res = train(cfg, log=log)
-    except ConfigError as e:  # e.g. a data directory that does not exist (model.harmonix.DataError)
+    except ConfigError as e:  # e.g. a data directory that does not exist (model.config.DataError)
         raise _BadInput(str(e)) from None
     first = ("-" if res.first_nonfinite_step is None else
              f"{res.first_nonfinite_step}" + (f" in {res.first_nonfinite_where}"
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _outage(e: Exception) -> str:
-    from ablations.storage import describe_error
+    from ablations.retry import describe_error
 
     return (f"a store is unreachable, retries spent ({describe_error(e)}); finished runs are "
             f"kept, a run in flight is re-queued: run the same command again once the store is "
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     print("\n".join(preamble(spec, args.tracking_uri)), flush=True)
     from ablations.launch import launch  # (after the checks: errors come fast)
-    from ablations.storage import StoreError
+    from ablations.retry import StoreError
 
     _sigterm_is_ctrl_c()
     try:
@@ -232,7 +232,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
     from ablations.progress import study_status
-    from ablations.storage import StoreError
+    from ablations.retry import StoreError
 
     try:
         st = study_status(spec, args.storage)
@@ -285,7 +285,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
     from ablations.launch import join, threads_per_worker
     from ablations.progress import Progress, count_done, study_status
-    from ablations.storage import StoreError, open_storage
+    from ablations.retry import StoreError
+    from ablations.storage import open_storage
     from ablations.study import load_study, plan_of
     from ablations.worker import work
 
@@ -451,8 +452,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a store that went away mid-study: one line, finished runs are kept
-        from ablations.storage import StoreUnavailable
-        from ablations.tracking import is_outage
+        from ablations.retry import StoreUnavailable
+        from ablations.retry import is_outage
 
         if not (isinstance(e, StoreUnavailable) or is_outage(e)):
             raise

@@ -11,7 +11,7 @@ TrainConfig, so the same run always has the same key whatever study or launch en
   fractional_factorial  2^(k-p) two-level design from the minimum-aberration generators of
                         Box, Hunter & Hunter (Montgomery, Table 8.14); only designs of resolution
                         >= IV are allowed, so main effects are not aliased with two-factor
-                        interactions
+                        interactions (the generator tables: fractional.py)
   search                cells sampled by Optuna (TPE or random); sampled in ablations/trial.py
 """
 
@@ -25,28 +25,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ablations.fractional import LETTERS, fractional_generators, resolution, sign_rows
 from ablations.spec import Factor, StudySpec
 from model.config import HighLearningRateWarning, TrainConfig
-
-LETTERS = "ABCDEFGHJKLMNOPQRSTUVWXYZ"  # I is skipped: it names the identity in a defining relation
-
-# (k, p) -> generators of the added factors, in base-factor letters (minimum aberration,
-# resolution >= IV only). For p = 1 the last factor is the product of all others (resolution k).
-GENERATORS: dict[tuple[int, int], list[str]] = {
-    (6, 2): ["ABC", "BCD"],
-    (7, 2): ["ABCD", "ABDE"],
-    (7, 3): ["ABC", "BCD", "ACD"],
-    (8, 2): ["ABCD", "ABEF"],
-    (8, 3): ["ABC", "ABD", "BCDE"],
-    (8, 4): ["BCD", "ACD", "ABC", "ABD"],
-    (9, 2): ["ACDFG", "BCEFG"],
-    (9, 3): ["ABCD", "ACEF", "CDEF"],
-    (9, 4): ["BCDE", "ACDE", "ABDE", "ABCE"],
-    (10, 3): ["ABCG", "BCDE", "ACDF"],
-    (10, 4): ["BCDF", "ACDF", "ABDE", "ABCE"],
-    (10, 5): ["ABCD", "ABCE", "ABDE", "ACDE", "BCDE"],
-}
-
 
 @dataclass(frozen=True)
 class Cell:
@@ -145,58 +126,14 @@ def one_at_a_time(factors: tuple[Factor, ...]) -> list[Cell]:
     return [Cell(assign, tuple(roles)) for assign, roles in cells.items()]
 
 
-def fractional_generators(k: int, p: int) -> list[str]:
-    """Generator words (in base letters) of a 2^(k-p) design with resolution >= IV."""
-    if k < 4:
-        raise ValueError(f"a fractional factorial needs at least 4 two-level factors "
-                         f"(a 2^(3-1) design has resolution III), got {k}")
-    if p < 1 or p >= k:
-        raise ValueError(f"fraction p must be in 1..{k - 1} for {k} factors, got {p}")
-    if p == 1:
-        return [LETTERS[:k - 1]]
-    if (k, p) not in GENERATORS:
-        ok = sorted(pp for (kk, pp) in GENERATORS if kk == k)
-        raise ValueError(f"no resolution >= IV 2^({k}-{p}) design; for {k} factors use fraction in "
-                         f"{[1] + ok}")
-    return GENERATORS[(k, p)]
-
-
-def defining_relation(k: int, p: int) -> list[str]:
-    """All words of the defining relation I = ..., each as a sorted string of factor letters."""
-    gens = fractional_generators(k, p)
-    base = k - p
-    words = [frozenset(g) | {LETTERS[base + i]} for i, g in enumerate(gens)]
-    out = set()
-    for r in range(1, p + 1):
-        for combo in itertools.combinations(words, r):
-            w = frozenset()
-            for x in combo:
-                w = w ^ x
-            out.add("".join(sorted(w)))
-    return sorted(out, key=lambda w: (len(w), w))
-
-
-def resolution(k: int, p: int) -> int:
-    return min(len(w) for w in defining_relation(k, p))
-
-
 def fractional_factorial(factors: tuple[Factor, ...], p: int) -> list[Cell]:
     """Rows of the 2^(k-p) design; factor i takes values[0] at -1 and values[1] at +1."""
-    k = len(factors)
-    gens = fractional_generators(k, p)
-    base = k - p
     cells = []
-    for signs in itertools.product((-1, 1), repeat=base):
-        col = dict(zip(LETTERS[:base], signs))
-        for i, g in enumerate(gens):
-            s = 1
-            for letter in g:
-                s *= col[letter]
-            col[LETTERS[base + i]] = s
+    for row in sign_rows(len(factors), p):
         assign = []
-        for i, f in enumerate(factors):
+        for f, sign in zip(factors, row):
             lo, hi = _before_after(f)
-            assign.append((f.name, hi if col[LETTERS[i]] > 0 else lo))
+            assign.append((f.name, hi if sign > 0 else lo))
         cells.append(Cell(tuple(assign)))
     return cells
 

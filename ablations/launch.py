@@ -26,7 +26,8 @@ from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
 from ablations.progress import Progress, summarize
 from ablations.queue import close_orphans, plan_state, reconcile
 from ablations.spec import StudySpec
-from ablations.storage import StoreError, finished_trial_ids, handles, queue_lock, safe_url
+from ablations.retry import StoreError
+from ablations.storage import finished_trial_ids, handles, queue_lock, safe_url
 from ablations.study import check_joinable, check_tracking, open_study, plan_of
 from ablations.torch_setup import child_env
 from ablations.worker import WorkerContext, work, worker_process

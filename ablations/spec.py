@@ -34,6 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from ablations.fixes import FIXES, recipe
+from ablations.fractional import fractional_generators
 from model.config import ConfigError, HighLearningRateWarning, TrainConfig, coerce_field
 
 DESIGNS = ("full_factorial", "one_at_a_time", "fractional_factorial", "search")
@@ -369,8 +370,6 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
 def _fraction_p(opts: dict[str, Any], k: int, err) -> int:
     """p of the 2^(k-p) design from `fraction: 1/4` (the share of the full design's runs; also
     0.25), `runs: 16`, or the older `fraction: 2` (the integer p itself: 2 means a quarter)."""
-    from ablations.designs import fractional_generators
-
     def possible() -> str:
         ok = []
         for p in range(1, k):

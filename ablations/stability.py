@@ -339,15 +339,6 @@ def hurts(effects: pd.DataFrame) -> pd.DataFrame:
     return effects[worse_high | worse_low]
 
 
-def stress_names(spec_or_tag: Optional[object]) -> list[str]:
-    """Stress factor names from a StudySpec, or from the experiment tag `study.stress`."""
-    if spec_or_tag is None:
-        return []
-    if isinstance(spec_or_tag, str):
-        return [s for s in spec_or_tag.split(",") if s]
-    return [f.name for f in getattr(spec_or_tag, "stress_factors", ())]
-
-
 def summary_lines(effects: pd.DataFrame, lay: StressLayout) -> list[str]:
     """One line per fix x regime (its contrasts side by side) on max stable lr, for the terminal."""
     out = []

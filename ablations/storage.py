@@ -5,7 +5,7 @@ the engine is SQLite on one machine or PostgreSQL/MySQL shared by many. What thi
 
   * `RetryingRDBStorage`: every storage call is retried with exponential backoff on a transient
     fault (SQLite "database is locked", a dropped PostgreSQL connection, a server restart) for up
-    to CHORUS_STORAGE_RETRY_S seconds. The two writes that are not idempotent are made safe to
+    to CHORUS_STORAGE_RETRY_S seconds (the loop and the classifier: ablations/retry.py). The two writes that are not idempotent are made safe to
     repeat: a trial whose enqueue may already have committed is found by its `enqueue_id`
     instead of being created twice, and a state change that already committed is recognised.
     A store that cannot be reached when first opened (wrong URL, server down, bad password) is
@@ -40,39 +40,19 @@ import fcntl
 import functools
 import hashlib
 import json
-import os
-import random
-import sys
-import time
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional
 
 import optuna
 import sqlalchemy
-import sqlalchemy.exc
 import sqlalchemy.orm
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models  # enqueue_trials only (the tables Optuna itself writes)
 from optuna.trial import FrozenTrial, TrialState
 
-T = TypeVar("T")
-
-
-class StoreError(RuntimeError):
-    """A storage or tracking store that cannot be opened; one line for the user."""
-
-
-class StoreUnavailable(RuntimeError):
-    """A store went away mid-study and stayed away past the retries; one line for the user."""
-
-
-def env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise StoreError(f"environment {name}={raw!r}: must be a whole number of seconds >= 1")
-    return int(raw)
+# The retry loop and error classes: ablations/retry.py (tracking.py shares them).
+from ablations.retry import (StoreError, env_seconds, is_dropped, retry_budget_s,
+                             tracking_retry_budget_s, with_retry)
 
 
 def heartbeat_s() -> int:
@@ -81,16 +61,6 @@ def heartbeat_s() -> int:
 
 def grace_s() -> int:
     return env_seconds("CHORUS_GRACE_S", 60)
-
-
-def retry_budget_s() -> int:
-    return env_seconds("CHORUS_STORAGE_RETRY_S", 120)
-
-
-def describe_error(e: BaseException, width: int = 200) -> str:
-    """'Type: first line of the message', for one-line errors (an empty message is fine too)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:width] if lines else ''}"
 
 
 def safe_url(url: str) -> str:
@@ -105,89 +75,6 @@ def safe_url(url: str) -> str:
     except Exception:  # noqa: BLE001 - not a URL we can parse: shown as given
         pass
     return url
-
-
-# ----------------------------------------------------------------------------- retrying
-def is_transient(e: BaseException) -> bool:
-    """A fault worth waiting out: a locked SQLite database or a lost/refused DB connection.
-
-    Optuna re-raises SQLAlchemy's errors from a commit as StorageInternalError, so the chain of
-    causes is searched.
-    """
-    seen = 0
-    while e is not None and seen < 5:
-        if _is_transient_one(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-def _root_cause(e: BaseException) -> str:
-    """The driver's own words (Optuna's wrapper blames 'invalid data' for a dropped connection)."""
-    chain = [e]
-    while chain[-1].__cause__ is not None and len(chain) < 5:
-        chain.append(chain[-1].__cause__)
-    cause = next((c for c in chain if _is_transient_one(c)), e)
-    text = str(getattr(cause, "orig", None) or cause).strip()
-    return f"{type(getattr(cause, 'orig', None) or cause).__name__}: " + (
-        text.splitlines()[0][:160] if text else "")
-
-
-def _is_transient_one(e: BaseException) -> bool:
-    if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
-        return True
-    if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-        msg = str(e).lower()
-        if "sqlite" in type(getattr(e, "orig", e)).__module__ or "sqlite" in msg:
-            return "locked" in msg or "busy" in msg
-        return True  # PostgreSQL/MySQL OperationalError: connection refused, closed, terminated
-    if isinstance(e, sqlalchemy.exc.TimeoutError):  # connection pool exhausted for a while
-        return True
-    if isinstance(e, sqlalchemy.exc.PendingRollbackError):  # a session the lost connection broke
-        return True
-    return False
-
-
-# A store that cannot be reached at all when first opened is a wrong URL, a server that is not
-# up, or bad credentials: the user hears it at once instead of after minutes of retries.
-_CANNOT_CONNECT = ("could not connect", "connection refused", "connection failed",
-                   "could not translate host", "authentication failed", "does not exist",
-                   "no password supplied", "timeout expired", "name or service not known")
-
-
-def is_dropped(e: BaseException) -> bool:
-    """Transient, and not a failure to connect at all: for opening a store."""
-    text, c = "", e
-    for _ in range(5):  # the whole chain of causes: Optuna may have wrapped the driver's error
-        if c is None:
-            break
-        text, c = text + " " + str(c).lower(), c.__cause__ or c.__context__
-    return is_transient(e) and not any(m in text for m in _CANNOT_CONNECT)
-
-
-def with_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None,
-               on_retry: Optional[Callable[[BaseException], None]] = None,
-               transient: Callable[[BaseException], bool] = is_transient,
-               label: str = "storage") -> T:
-    """Call fn; on a transient fault wait 0.2 s, 0.4 s, ... (capped at 10 s, jittered) and retry
-    until `budget_s` (default CHORUS_STORAGE_RETRY_S) has passed, then re-raise the last fault.
-    The tracking store uses it too, with its own classifier and budget."""
-    budget = retry_budget_s() if budget_s is None else budget_s
-    t0, delay, n = time.monotonic(), 0.2, 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified right below
-            if not transient(e) or time.monotonic() - t0 + delay > budget:
-                raise
-            n += 1
-            if on_retry:
-                on_retry(e)
-            if n == 1 or n % 5 == 0:
-                print(f"{label}: {what} failed ({_root_cause(e)}); retrying (attempt {n + 1})",
-                      file=sys.stderr, flush=True)
-            time.sleep(delay * random.uniform(0.75, 1.25))
-            delay = min(delay * 2, 10.0)
 
 
 _IDEMPOTENT = (  # reads, and writes that set a value (repeating them is harmless)
@@ -343,7 +230,7 @@ def open_storage(url: str) -> RetryingRDBStorage:
     else:
         raise StoreError(f"--storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
     hb, grace = heartbeat_s(), grace_s()
-    retry_budget_s(), env_seconds("CHORUS_TRACKING_RETRY_S", 120)  # bad values: an error now
+    retry_budget_s(), tracking_retry_budget_s()  # bad values: an error now
     return with_retry(lambda: RetryingRDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=hb,
                                                  grace_period=grace),
                       "open the storage", transient=is_dropped)

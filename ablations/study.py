@@ -19,7 +19,8 @@ import optuna
 from ablations import designs
 from ablations.designs import Run
 from ablations.spec import StudySpec
-from ablations.storage import StoreError, describe_error, open_storage, safe_url
+from ablations.retry import StoreError, describe_error
+from ablations.storage import open_storage, safe_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); we rely on them.

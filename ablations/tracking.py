@@ -47,7 +47,7 @@ from mlflow.tracking import MlflowClient
 
 from ablations import identity
 from ablations.fixes import FIXES
-from ablations.storage import describe_error, env_seconds, is_transient, with_retry
+from ablations.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
 from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
@@ -70,24 +70,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 T = TypeVar("T")
 
 
-def tracking_transient(e: BaseException) -> bool:
-    """A tracking fault worth waiting out: server unreachable or overloaded, SQLite locked."""
-    msg = str(e)
-    return (type(e).__name__ in ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout")
-            or ("API request to" in msg and "failed" in msg)  # MLflow's REST client, retries spent
-            or "database is locked" in msg)
-
-
-def is_outage(e: BaseException) -> bool:
-    """The stores failed (retries spent), not the run: a storage or tracking outage."""
-    return is_transient(e) or tracking_transient(e)
-
-
 def tracking_retry(fn: Callable[[], T], what: str, budget_s: Optional[float] = None) -> T:
     """Call fn, retrying transient tracking faults with backoff for CHORUS_TRACKING_RETRY_S
     (default 120 s) on top of MLflow's own per-request retries (cut to 2, above)."""
-    return with_retry(fn, what, env_seconds("CHORUS_TRACKING_RETRY_S", 120) if budget_s is None
-                      else budget_s, transient=tracking_transient, label="tracking")
+    return with_retry(fn, what, tracking_retry_budget_s() if budget_s is None else budget_s,
+                      transient=tracking_transient, label="tracking")
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ from ablations import designs, identity
 from ablations.designs import Cell
 from ablations.queue import WORKER_ID, requeue, tell_failed
 from ablations.spec import StudySpec
-from ablations.storage import StoreUnavailable, describe_error
+from ablations.retry import StoreUnavailable, describe_error, is_outage
 from model.config import TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
@@ -50,12 +50,6 @@ def __getattr__(name: str) -> Any:
 def _train() -> Callable[..., TrainResult]:
     return globals().get("train") or __getattr__("train")
 
-
-def _outage(e: BaseException) -> bool:
-    """A store gone past its retries (tracking.is_outage; MLflow is loaded once a run started)."""
-    from ablations.tracking import is_outage
-
-    return is_outage(e)
 
 
 def objective_value(spec: StudySpec, res: TrainResult) -> float:
@@ -83,7 +77,7 @@ def _train_logged(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial
         child.fail("interrupted (Ctrl-C / SIGTERM); the run was re-queued", status="KILLED")
         raise
     except BaseException as e:
-        if not _outage(e):  # (with the store down, marking the run would wait on it again;
+        if not is_outage(e):  # (with the store down, marking the run would wait on it again;
             child.fail(traceback.format_exc())  # the next launch closes the run instead)
         raise
     return res, child.run_id
@@ -125,7 +119,7 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
         raise
     except Exception as e:
         tb = traceback.format_exc()
-        if _outage(e):
+        if is_outage(e):
             _stop_for_outage(study, trial, tb, e, lambda: requeue(study, trial, crashed=False))
         tell_failed(study, trial, tb, interrupted=False)
         if attrs["attempt"] <= spec.retries:
@@ -145,7 +139,7 @@ def run_grid_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracke
     try:
         tracker.finish_run(child_run)
     except Exception as e:
-        if _outage(e):
+        if is_outage(e):
             _stop_for_outage(study, trial, traceback.format_exc(), e,
                              lambda: requeue(study, trial, crashed=False))
         raise
@@ -202,7 +196,7 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
         raise
     except Exception as e:
         tb = traceback.format_exc()
-        if _outage(e):  # a search trial is not re-queued: the sampler proposes another
+        if is_outage(e):  # a search trial is not re-queued: the sampler proposes another
             _stop_for_outage(study, trial, tb, e, lambda: None)
         tell_failed(study, trial, tb, interrupted=False)
         return _crashed(attrs, tb)

@@ -116,7 +116,7 @@ def judge(claims: Mapping[str, Sequence[Estimate]], alpha: float = ALPHA) -> dic
         why = {"supported": "improves", "refuted": "worsens"}.get(verdict)
         head = (f"{verdict}: {', '.join(e.outcome for e in (improves or worsens))} {why} "
                 f"(adjusted p < {alpha:g}, {m} tests)" if why else
-                f"inconclusive: outcomes disagree" if improves and worsens else
+                "inconclusive: outcomes disagree" if improves and worsens else
                 f"inconclusive: no outcome differs at adjusted p < {alpha:g} ({m} tests)")
         out[name] = Verdict(verdict, head + ". " + "; ".join(parts) + ".", adj_by[name])
     return out

@@ -134,7 +134,7 @@ def _charts(factor: str, objective: Optional[str]) -> dict:
                 ("train", True), ("val", True), ("nonfinite", False), ("outcome", False)]
     ids = {name: f"chorus-section-{i}" for i, (name, _) in enumerate(sections)}
     first = ids[sections[0][0]]
-    bars = [(F1, f"final F1, mean per group (diverged = 0)"),
+    bars = [(F1, "final F1, mean per group (diverged = 0)"),
             (DIVERGED, "divergence rate (share of runs diverged)")]
     if objective and objective != F1:
         bars.append((objective, f"{objective} (objective), mean per group"))

@@ -20,7 +20,8 @@ import optuna
 
 from ablations import queue, trial as trials
 from ablations.spec import StudySpec
-from ablations.storage import StoreUnavailable, heartbeat_s, open_storage, rdb, trial_id_of
+from ablations.retry import StoreUnavailable
+from ablations.storage import heartbeat_s, open_storage, rdb, trial_id_of
 from ablations.study import load_study, plan_of
 
 

@@ -13,7 +13,7 @@ import math
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 # The seed recommends 1e-4..5e-4 and added a warning above that range.
@@ -24,8 +24,17 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field, the value and what is allowed."""
 
 
+class DataError(ConfigError):
+    """A data file or directory that cannot be used; the message names it (and the line)."""
+
+
 class HighLearningRateWarning(UserWarning):
     """The seed's "learning rate warning": lr above the recommended 1e-4..5e-4."""
+
+
+_POSITIVE_INTS = ("n_songs", "frames", "n_features", "sample_rate", "n_fft", "hop_length",
+                  "hidden_dim", "n_blocks", "kernel_size", "epochs", "steps_per_epoch",
+                  "batch_size", "rollback_every", "spike_window")
 
 
 @dataclass(frozen=True)
@@ -179,20 +188,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_data_fields(self)
-        positive_ints = ("n_songs", "frames", "n_features", "hidden_dim", "n_blocks",
-                         "kernel_size", "epochs", "steps_per_epoch", "batch_size",
-                         "rollback_every", "spike_window")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
-        for name in positive_ints:
+        for name in _POSITIVE_INTS:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "lead_up"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size: must be odd (for 'same' padding), got {self.kernel_size}")
         if self.n_songs < 2:
             raise ConfigError(f"n_songs: need at least 2 (one to train, one to validate), got {self.n_songs}")
-        _check_range("val_fraction", self.val_fraction, 0.0, 1.0, open_=True)
-        _check_range("dropout", self.dropout, 0.0, 1.0, open_hi=True)
+        if not 0.0 < self.val_fraction < 1.0:  # (NaN fails every comparison)
+            raise ConfigError(f"val_fraction: must be in (0.0, 1.0), got {self.val_fraction!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0.0, 1.0), got {self.dropout!r}")
         for name in ("frame_rate", "lr", "feature_scale", "adam_eps"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -205,8 +214,6 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name}: must be a number > 0 or null (off), got {v!r}")
-        if self.lead_up < 0:
-            raise ConfigError(f"lead_up: must be an integer >= 0, got {self.lead_up!r}")
         if self.spike_factor is not None and not (math.isfinite(self.spike_factor)
                                                   and self.spike_factor > 1):
             raise ConfigError(f"spike_factor: must be a number > 1 or null (off), "
@@ -319,24 +326,17 @@ def _coerce(tp: Any, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
             return False
         raise ValueError(value)
+    if tp in (int, float) and isinstance(value, bool):  # True is an int to Python, not to us
+        raise ValueError(value)
     if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(value)
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            f = float(value)
-            if f.is_integer():
-                return int(f)
+        if isinstance(value, (float, str)) and float(value).is_integer():  # 1e3, "1e3", "8.0"
+            return int(float(value))
         raise ValueError(value)
     if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string: take the number meant
+        # (a string too: YAML 1.1 reads 1e-4 as a string; take the number meant)
+        if isinstance(value, (int, float, str)):
             return float(value)
         raise ValueError(value)
     if tp is str:
@@ -378,21 +378,11 @@ def _check_data_fields(cfg: TrainConfig) -> None:
     if not cfg.chorus_labels or not all(any(c.isalpha() for c in lab) for lab in cfg.chorus_labels):
         raise ConfigError(f"chorus_labels: must be a non-empty list of section labels, got "
                           f"{list(cfg.chorus_labels)!r}")
-    for name in ("sample_rate", "n_fft", "hop_length"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}: must be a positive integer, got {getattr(cfg, name)!r}")
-    if cfg.data_source == "harmonix" and cfg.sample_rate / cfg.hop_length < cfg.frame_rate:
+    if cfg.data_source == "harmonix" and cfg.hop_length >= 1 and \
+            cfg.sample_rate / cfg.hop_length < cfg.frame_rate:
         raise ConfigError(f"hop_length: the mel spectrogram's sample_rate / hop_length = "
                           f"{cfg.sample_rate / cfg.hop_length:g} frames/s must be >= frame_rate "
                           f"{cfg.frame_rate:g}, got hop_length={cfg.hop_length}")
-
-
-def _check_range(name: str, v: float, lo: float, hi: float, open_: bool = False,
-                 open_hi: bool = False) -> None:
-    ok = math.isfinite(v) and (lo < v < hi if open_ else lo <= v < hi if open_hi else lo <= v <= hi)
-    if not ok:
-        interval = f"({lo}, {hi})" if open_ else f"[{lo}, {hi})" if open_hi else f"[{lo}, {hi}]"
-        raise ConfigError(f"{name}: must be in {interval}, got {v!r}")
 
 
 def resolve_device(spec: str) -> str:

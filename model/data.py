@@ -1,7 +1,7 @@
 """Songs for the chorus CNN: a synthetic pop-song generator (the embedded default), synthetic
-songs on real section timelines (`structures`), real songs from files (`harmonix`, parsed and
-featurised in model/harmonix.py), the split by song, and batches of fixed-length windows with
-padding masks.
+songs on real section timelines (`structures`), real songs from files (`harmonix`, parsed in
+model/harmonix.py, featurised in model/audio.py), the split by song, and batches of
+fixed-length windows with padding masks.
 
 Synthetic songs follow pop forms whose section lengths match the Harmonix Set (912 songs,
 measured from its segment files: median chorus 20.2 s, verse 22.4 s, intro 13.2 s, pre-chorus
@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from model import harmonix
-from model.config import ConfigError, TrainConfig
-
-CHORUS = 1  # label of chorus frames; 0 = everything else ("verse" in the seed's wording)
+from model.audio import FeatureParams
+from model.config import ConfigError, DataError, TrainConfig
 
 # Median section lengths (seconds) in the Harmonix Set segment files.
 MEDIAN_SECONDS = {"intro": 13.2, "verse": 22.4, "prechorus": 14.8, "chorus": 20.2,
@@ -229,11 +228,11 @@ def _on_structures(structures: str, n_songs: int, data_seed: int, n_features: in
 
 @functools.lru_cache(maxsize=4)
 def _harmonix(data_dir: str, data_seed: int, val_fraction: float, chorus_labels: tuple[str, ...],
-              skip_bad: bool, cache_dir: str | None, params: harmonix.FeatureParams) -> SongData:
+              skip_bad: bool, cache_dir: str | None, params: FeatureParams) -> SongData:
     tracks = harmonix.load_tracks(data_dir, params, chorus_labels, skip_bad, cache_dir)
     if len(tracks) < 2:
-        raise harmonix.DataError(f"data_dir: {data_dir!r} has {len(tracks)} usable track(s); "
-                                 f"need at least 2 (one to train, one to validate)")
+        raise DataError(f"data_dir: {data_dir!r} has {len(tracks)} usable track(s); "
+                        f"need at least 2 (one to train, one to validate)")
     songs = [Song(t.track, t.features, t.labels, t.sections) for t in tracks]
     return _split(songs, val_fraction, np.random.SeedSequence([data_seed, 0x4A2]),
                   params.n_mels, params.frame_rate)
@@ -241,7 +240,7 @@ def _harmonix(data_dir: str, data_seed: int, val_fraction: float, chorus_labels:
 
 def make_data(cfg: TrainConfig) -> SongData:
     """The songs a config asks for. Cached per process on the data fields: cells of a study
-    share their data. Files that cannot be used raise harmonix.DataError (a ConfigError) naming
+    share their data. Files that cannot be used raise DataError (a ConfigError) naming
     the file; quirks that were handled are reported as harmonix.HarmonixWarning."""
     if cfg.data_source == "synthetic" and cfg.structures is None:
         data = _synthetic(cfg.n_songs, cfg.data_seed, cfg.n_features, cfg.frame_rate,
@@ -251,8 +250,8 @@ def make_data(cfg: TrainConfig) -> SongData:
                               cfg.frame_rate, cfg.val_fraction, cfg.chorus_labels,
                               cfg.skip_bad_tracks)
     elif cfg.data_source == "harmonix":
-        params = harmonix.FeatureParams(cfg.frame_rate, cfg.n_features, cfg.sample_rate,
-                                        cfg.n_fft, cfg.hop_length)
+        params = FeatureParams(cfg.frame_rate, cfg.n_features, cfg.sample_rate, cfg.n_fft,
+                               cfg.hop_length)
         data = _harmonix(cfg.data_dir, cfg.data_seed, cfg.val_fraction, cfg.chorus_labels,
                          cfg.skip_bad_tracks, cfg.cache_dir, params)
     else:

@@ -52,8 +52,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-STAGES = ("input", "forward", "loss", "backward", "grad_norm", "optimizer_step", "clamp",
-          "not_reproduced")
 MAX_ROLLBACKS = 10
 """After this many rollbacks (lr / 1024) a run that still goes non-finite is stopped."""
 
@@ -79,7 +77,7 @@ class Forensics:
     """The first non-finite tensor of an event, and where it came from."""
 
     module: str  # qualified module name; "model" = the whole network; or the loss function
-    stage: str  # one of STAGES
+    stage: str  # input, forward, loss, backward, grad_norm, optimizer_step, clamp, not_reproduced
     tensor: str  # which tensor: "output", "x", "loss", "grad_input[0]", "grad:weight", "param:weight"
     stats: Optional[TensorStats] = None
     input: Optional[TensorStats] = None  # the module's forward input; in backward the gradient flowing in

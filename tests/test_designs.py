@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from ablations import designs
-from ablations.designs import (GENERATORS, LETTERS, Cell, config_key, defining_relation,
-                               describe_fraction, fractional_factorial, fractional_generators,
-                               full_factorial, one_at_a_time, resolution)
+from ablations.designs import (Cell, config_key, describe_fraction, fractional_factorial,
+                               full_factorial, one_at_a_time)
 from ablations.fixes import FIXES, recipe
+from ablations.fractional import (GENERATORS, LETTERS, defining_relation, fractional_generators,
+                                  resolution)
 from ablations.spec import Factor, load_spec, parse_spec
 from model.config import HighLearningRateWarning, TrainConfig
 

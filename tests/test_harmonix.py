@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model import audio, harmonix
 from model import data as data_mod
-from model import harmonix
-from model.config import ConfigError, TrainConfig
+from model.audio import FeatureParams
+from model.config import ConfigError, DataError, TrainConfig
 from model.data import make_data
-from model.harmonix import DataError, FeatureParams, HarmonixWarning, parse_segments
+from model.harmonix import HarmonixWarning, parse_segments
 from model.train import train
 
 SHARED_SEGMENTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "harmonix" / "segments"
@@ -354,10 +355,10 @@ def test_frame_times_are_window_centres():
     t = np.arange(6 * SR) / SR
     click = np.random.default_rng(0).normal(0, 1e-4, len(t)).astype(np.float32)
     click[3 * SR] = 1.0
-    x = harmonix.log_mel(click, FeatureParams(40.0, N_MELS, SR, N_FFT, HOP))  # [T, F] dB
+    x = audio.log_mel(click, FeatureParams(40.0, N_MELS, SR, N_FFT, HOP))  # [T, F] dB
     assert x.shape[0] == 1 + len(t) // HOP and x.mean(axis=1).argmax() == 120
     burst = np.where((t >= 1.9) & (t < 2.1), 0.5 * np.sin(2 * np.pi * 2400 * t), 0.0)
-    x = harmonix.log_mel(burst.astype(np.float32), FeatureParams(4.0, N_MELS, SR, N_FFT, HOP))
+    x = audio.log_mel(burst.astype(np.float32), FeatureParams(4.0, N_MELS, SR, N_FFT, HOP))
     band = x.max(axis=0).argmax()  # the burst's band, dB per frame:
     assert x[:, band].argmax() == 8 and x[8, band] - max(x[7, band], x[9, band]) > 30
 
@@ -381,8 +382,8 @@ def test_features_are_cached_by_content_and_params(tmp_path, monkeypatch):
     assert np.load(cached[0]).shape[0] == N_MELS  # stored as [n_mels, frames], like features/
 
     calls = []
-    real = harmonix.log_mel
-    monkeypatch.setattr(harmonix, "log_mel", lambda *a: calls.append(a) or real(*a))
+    real = audio.log_mel
+    monkeypatch.setattr(audio, "log_mel", lambda *a: calls.append(a) or real(*a))
     data_mod.clear_cache()
     second = make_data(cfg)
     assert calls == []  # the second run reads the cache
@@ -502,7 +503,7 @@ def test_bad_feature_files_name_the_file(tmp_path, matrix, named):
 
 def test_pool_frames_convention():
     x = np.arange(12, dtype=np.float32)[:, None]  # 12 frames at 3/s, value = index
-    np.testing.assert_allclose(harmonix.pool_frames(x, 3.0, 1.0)[:, 0], [0.5, 3.0, 6.0, 9.0, 11.0])
-    assert harmonix.pool_frames(x, 4.0, 4.0) is x
+    np.testing.assert_allclose(audio.pool_frames(x, 3.0, 1.0)[:, 0], [0.5, 3.0, 6.0, 9.0, 11.0])
+    assert audio.pool_frames(x, 4.0, 4.0) is x
     with pytest.raises(DataError, match="cannot feed frame_rate 8"):
-        harmonix.pool_frames(x, 4.0, 8.0, "here")
+        audio.pool_frames(x, 4.0, 8.0, "here")

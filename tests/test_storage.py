@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 import pgdb
 from ablations import launch as launching
 from ablations import progress, queue
+from ablations import retry
 from ablations import storage as st
 from ablations import worker
 from ablations.study import load_study, plan_of
@@ -242,18 +243,18 @@ def test_transient_faults_are_told_from_configuration_errors():
         'connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused'))
     wrapped = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
     wrapped.__cause__ = dropped
-    assert st.is_transient(locked) and not st.is_transient(no_table)
-    assert st.is_transient(dropped) and st.is_transient(wrapped)
-    assert st.is_dropped(dropped) and not st.is_dropped(refused)  # opening: refused is an error
+    assert retry.is_transient(locked) and not retry.is_transient(no_table)
+    assert retry.is_transient(dropped) and retry.is_transient(wrapped)
+    assert retry.is_dropped(dropped) and not retry.is_dropped(refused)  # opening: refused is an error
     wrapped_refused = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
     wrapped_refused.__cause__ = refused
-    assert st.is_transient(wrapped_refused) and not st.is_dropped(wrapped_refused)
-    assert not st.is_transient(ValueError("x"))
+    assert retry.is_transient(wrapped_refused) and not retry.is_dropped(wrapped_refused)
+    assert not retry.is_transient(ValueError("x"))
 
 
 def test_heartbeat_settings_are_validated(monkeypatch):
     monkeypatch.setenv("CHORUS_GRACE_S", "soon")
-    with pytest.raises(st.StoreError, match=r"CHORUS_GRACE_S='soon': must be a whole number"):
+    with pytest.raises(retry.StoreError, match=r"CHORUS_GRACE_S='soon': must be a whole number"):
         st.open_storage("sqlite:///:memory:")
 
 
