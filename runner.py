@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _sigterm_is_ctrl_c()
     try:
         res = launch(spec, args.storage, args.tracking_uri, args.workers,
-                     device=_device(args.device, several=True))
+                     device=_device(args.device, several=True), ensemble=args.ensemble)
     except StoreError as e:
         raise _BadInput(str(e)) from None
     if args.workers == 0:
@@ -294,7 +294,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
                    threads=args.threads or threads_per_worker(args.local_workers),
-                   wait=not args.no_wait)
+                   wait=not args.no_wait, ensemble=args.ensemble)
         st = study_status(spec, args.storage)
         print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
               f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
@@ -345,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tracking-uri", default=DEFAULT_TRACKING,
                         help=f"MLflow tracking URI (default {DEFAULT_TRACKING})")
 
+    def ensemble_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--ensemble", choices=("auto", "on", "off"), default="auto",
+                        help="train the seeds of a cell together as one vectorised ensemble "
+                             "(same results within a stated tolerance, model/ensemble.py): auto = "
+                             "on CUDA only, where it pays; on a CPU it does not (default auto)")
+
     r = sub.add_parser("run", help="run (or resume) a study file")
     r.add_argument("study", help="study file, e.g. studies/quick.yaml")
     r.add_argument("--workers", type=int, default=1,
@@ -357,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None,
                    help="run every run on this device (cpu, cuda, cuda:N), or share out a list "
                         "between the local workers (cuda:0,cuda:1); default: the study's")
+    ensemble_arg(r)
     stores(r)
     r.set_defaults(func=cmd_run)
 
@@ -387,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many workers you start on this machine, to split its cores (default 1)")
     w.add_argument("--no-wait", action="store_true",
                    help="exit when nothing is queued, even while other workers still run")
+    ensemble_arg(w)
     stores(w)
     w.set_defaults(func=cmd_worker)
 

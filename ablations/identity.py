@@ -75,12 +75,23 @@ def claimed_run(spec: StudySpec, params: Mapping[str, Any], attrs: Mapping[str, 
         values = {f.name: _value_of(f, params[f.name]) for f in spec.factors}
     cell = Cell(tuple((f.name, values[f.name]) for f in spec.factors),
                 tuple(r for r in attrs.get("roles", "").split(",") if r))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HighLearningRateWarning)
-        cfg = TrainConfig.from_overrides(json.loads(attrs["config"]))
-    run = Run(cell, attrs["seed"], cfg)
+    run = Run(cell, attrs["seed"], claimed_config(attrs))
     run.__dict__["run_key"] = attrs["run_key"]  # (Run.run_key is a cached property)
     return run
+
+
+def claimed_config(attrs: Mapping[str, Any]) -> TrainConfig:
+    """The resolved config a queued run trains (its `config` attribute)."""
+    with warnings.catch_warnings():  # (the warning was given when the study was planned)
+        warnings.simplefilter("ignore", HighLearningRateWarning)
+        return TrainConfig.from_overrides(json.loads(attrs["config"]))
+
+
+def config_but_seed(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A queued run's config without its seed: equal for the seeds of one cell."""
+    cfg = json.loads(attrs.get("config", "{}"))
+    cfg.pop("seed", None)
+    return cfg
 
 
 def _value_of(factor: Factor, label: str) -> Any:

@@ -47,7 +47,7 @@ class LaunchResult:
 def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            tracking_uri: str = DEFAULT_TRACKING, workers: int = 1,
            out=sys.stdout, device: Optional[str] = None,
-           threads: Optional[int] = None) -> LaunchResult:
+           threads: Optional[int] = None, ensemble: str = "auto") -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
     from ablations.tracking import StudyTracker, launch_note
 
@@ -88,7 +88,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
                         threads=threads or threads_per_worker(workers), device=device,
-                        announce_wait=False)
+                        announce_wait=False, ensemble=ensemble)
     progress = Progress(plan.total, len(state.done), out)
     interrupted = False
     try:
@@ -118,7 +118,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
 
 
 def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,
-         threads: Optional[int] = None, wait: bool = True) -> WorkerContext:
+         threads: Optional[int] = None, wait: bool = True, ensemble: str = "auto") -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
     from ablations.tracking import StudyTracker
@@ -131,7 +131,7 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
     launch_run = tracker.latest_launch()
     return WorkerContext(spec, storage_url, tracking_uri,
                          parent_run_id=launch_run.info.run_id if launch_run else None,
-                         threads=threads, device=device, wait=wait)
+                         threads=threads, device=device, wait=wait, ensemble=ensemble)
 
 
 def worker_context(ctx: WorkerContext, i: int) -> WorkerContext:

@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations import identity
 from ablations.designs import Run
 from ablations.spec import StudySpec
-from ablations.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials,
+from ablations.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
                                trial_states_by_user_attr, waiting_trial_ids)
 from ablations.study import Plan
 
@@ -135,28 +135,57 @@ def requeue(study: optuna.Study, trial: optuna.Trial | FrozenTrial, crashed: boo
 
 
 # ---------------------------------------------------------------------------------- claim
-def _pop(study: optuna.Study) -> Optional[int]:
-    """Optuna's pop (Study._pop_waiting_trial_id: WAITING -> RUNNING, no sampling), but with the
-    trial's heartbeat recorded *before* it turns RUNNING. Optuna never declares a RUNNING trial
-    without any heartbeat stale, so a worker killed between the pop and its first beat would
-    leave its run RUNNING forever; a beat on a WAITING trial is harmless (only RUNNING trials
-    are checked, and the next claimer beats again). The oldest waiting trials are found by one
-    query (storage.waiting_trial_ids), not by reading every trial as Optuna's pop does."""
+def _pop_one(study: optuna.Study, trial_id: int) -> bool:
+    """WAITING -> RUNNING for one trial, its heartbeat recorded *before* it turns RUNNING: Optuna
+    never declares a RUNNING trial without any heartbeat stale, so a worker killed between the
+    pop and its first beat would leave its run RUNNING forever; a beat on a WAITING trial is
+    harmless (only RUNNING trials are checked, and the next claimer beats again)."""
     storage, study_id = handles(study)
-    beat = bool(rdb(storage).heartbeat_interval)
+    if rdb(storage).heartbeat_interval:
+        storage.record_heartbeat(trial_id)
+    try:
+        if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+            adopt_trial(storage, study_id, trial_id)
+            return True
+    except UpdateFinishedTrialError:  # finished by someone else meanwhile
+        pass
+    return False
+
+
+def _pop(study: optuna.Study) -> Optional[int]:
+    """Optuna's pop (Study._pop_waiting_trial_id: WAITING -> RUNNING, no sampling), with the
+    heartbeat first (_pop_one). The oldest waiting trials are found by one query
+    (storage.waiting_trial_ids), not by reading every trial as Optuna's pop does."""
+    storage, study_id = handles(study)
     while True:
         waiting = waiting_trial_ids(storage, study_id)
         for trial_id in waiting:
-            if beat:
-                storage.record_heartbeat(trial_id)
-            try:
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    adopt_trial(storage, study_id, trial_id)
-                    return trial_id
-            except UpdateFinishedTrialError:  # finished by someone else meanwhile
-                continue
+            if _pop_one(study, trial_id):
+                return trial_id
         if not waiting:
             return None
+
+
+def _take(study: optuna.Study, plan: Plan, trial_id: int) -> Optional[optuna.Trial]:
+    """A popped (RUNNING) trial of a grid plan, if it is a run of this plan, not done and not
+    running elsewhere; otherwise it is failed as skipped (never run or count a run twice)."""
+    storage, study_id = handles(study)
+    trial = optuna.Trial(study, trial_id)
+    key = trial.user_attrs.get("run_key")
+    others = [state for tid, state in trial_states_by_user_attr(
+        storage, study_id, "run_key", key).items() if tid != trial_id]
+    why = ("not a run of the current study file" if key not in plan.keys else
+           "this run already has a COMPLETE trial"
+           if TrialState.COMPLETE in others else
+           "this run is already running in another worker"
+           if TrialState.RUNNING in others else None)
+    if not why:
+        trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
+        return trial
+    trial.set_user_attr("skipped", why)
+    trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
+    study.tell(trial, state=TrialState.FAIL)
+    return None
 
 
 def claim(study: optuna.Study, plan: Plan) -> Optional[optuna.Trial]:
@@ -164,33 +193,50 @@ def claim(study: optuna.Study, plan: Plan) -> Optional[optuna.Trial]:
 
     Under queue_lock, so the check and the claim are one step for every worker on every machine.
     """
-    storage, study_id = handles(study)
+    storage, _ = handles(study)
     with queue_lock(storage, plan.spec.name):
         while True:
             trial_id = _pop(study)
             if trial_id is None:
                 return None
             try:
-                trial = optuna.Trial(study, trial_id)
                 if plan.search:
+                    return optuna.Trial(study, trial_id)
+                trial = _take(study, plan, trial_id)
+                if trial is not None:
                     return trial
-                key = trial.user_attrs.get("run_key")
-                others = [state for tid, state in trial_states_by_user_attr(
-                    storage, study_id, "run_key", key).items() if tid != trial_id]
-                why = ("not a run of the current study file" if key not in plan.keys else
-                       "this run already has a COMPLETE trial"
-                       if TrialState.COMPLETE in others else
-                       "this run is already running in another worker"
-                       if TrialState.RUNNING in others else None)
-                if not why:
-                    trial.set_user_attr("worker", WORKER_ID)  # `status` shows who runs what
-                    return trial
-                trial.set_user_attr("skipped", why)  # never run or count a run twice
-                trial.set_user_attr("interrupted", True)  # not a crash: does not use up a retry
-                study.tell(trial, state=TrialState.FAIL)
             except KeyboardInterrupt:  # popped (RUNNING), not yet in a run's handler
                 release(study, trial_id)
                 raise
+
+
+def claim_siblings(study: optuna.Study, plan: Plan, first: optuna.Trial,
+                   most: int) -> list[optuna.Trial]:
+    """Up to `most` more waiting runs of `first`'s cell (its other seeds: the same config but the
+    seed), claimed as `claim` does, to train with it as one ensemble (trial.run_grid_trials).
+    Found by one query on the cell id, oldest first."""
+    storage, study_id = handles(study)
+    cell_id = first.user_attrs.get("cell_id")
+    same = identity.config_but_seed(first.user_attrs)
+    out: list[optuna.Trial] = []
+    with queue_lock(storage, plan.spec.name):
+        states = trial_states_by_user_attr(storage, study_id, "cell_id", cell_id)
+        for trial_id in sorted(t for t, state in states.items() if state == TrialState.WAITING):
+            if len(out) >= most:
+                break
+            if identity.config_but_seed(storage.get_trial(trial_id).user_attrs) != same:
+                continue  # (a safeguard: the cell id names every factor's and stress value)
+            if not _pop_one(study, trial_id):
+                continue
+            try:
+                trial = _take(study, plan, trial_id)
+            except KeyboardInterrupt:  # popped, not yet in a run's handler: give them all back
+                for tid in [*map(trial_id_of, out), trial_id]:
+                    release(study, tid)
+                raise
+            if trial is not None:
+                out.append(trial)
+    return out
 
 
 def refill(study: optuna.Study, plan: Plan,

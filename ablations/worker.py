@@ -38,23 +38,25 @@ class WorkerContext:
     device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
     wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
     announce_wait: bool = True  # say so (not for local workers: siblings finishing is normal)
+    ensemble: str = "auto"  # seeds of a cell as one vectorised ensemble: auto (CUDA only) | on | off
 
 
 class Heartbeat:
-    """Records the trial's heartbeat every CHORUS_HEARTBEAT_S seconds while a run trains."""
+    """Records the trials' heartbeats every CHORUS_HEARTBEAT_S seconds while their runs train."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
-        self.storage, self.trial_id = storage, trial_id
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: list[int]):
+        self.storage, self.trial_ids = storage, trial_ids
         self.stop = threading.Event()
         self.interval = heartbeat_s()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while not self.stop.is_set():
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a missed beat is not worth killing the run over
-                pass
+            for trial_id in self.trial_ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # a missed beat is not worth killing the run over
+                    pass
             self.stop.wait(self.interval)
 
     def __enter__(self) -> "Heartbeat":
@@ -88,13 +90,14 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     plan = plan_of(ctx.spec)
     run_trial = trials.run_search_trial if plan.search else trials.run_grid_trial
     n, waiting_since = 0, None
-    trial = None
+    group: list[optuna.Trial] = []
     try:
         while ctx.deadline is None or time.time() < ctx.deadline:
-            trial = None
             trial = queue.claim(study, plan)
+            group = [trial] if trial is not None else []  # (released on an interrupt)
             if trial is None:
                 trial, in_flight, requeued = queue.refill(study, plan, tracker)
+                group = [trial] if trial is not None else []
                 if requeued:
                     print(f"re-queued {requeued} run(s) of lost workers", file=out, flush=True)
                     continue
@@ -108,13 +111,18 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
                 time.sleep(min(heartbeat_s(), 5))
                 continue
             waiting_since = None
-            with Heartbeat(storage, trial_id_of(trial)):
-                attrs = run_trial(ctx, study, tracker, trial)
-            n += 1
-            if on_done:
-                on_done(attrs)
+            if not plan.search and (size := trials.ensemble_size(ctx, trial)) > 1:
+                group += queue.claim_siblings(study, plan, trial, size - 1)
+            with Heartbeat(storage, [trial_id_of(t) for t in group]):
+                done = (trials.run_grid_trials(ctx, study, tracker, group) if len(group) > 1
+                        else [run_trial(ctx, study, tracker, trial)])
+            n += len(done)
+            for attrs in done:
+                if on_done:
+                    on_done(attrs)
     except KeyboardInterrupt:  # between a claim and the run's own handler
-        queue.release(study, trial_id_of(trial) if trial is not None else None)
+        for t in group:
+            queue.release(study, trial_id_of(t))
         raise
     return n
 
