@@ -34,7 +34,7 @@ from model.metrics import FrameCounts, count_frames, is_collapsed, masked_cross_
 from model.nonfinite import (MAX_ROLLBACKS, Forensics, Monitor, NonFiniteEvent, Snapshot,
                              locate_eval, locate_params, replay, rng_state, uses_rng)
 
-__all__ = ["LogFn", "NonFiniteEvent", "TrainResult", "no_log", "train"]
+__all__ = ["LogFn", "NonFiniteEvent", "Run", "TrainResult", "no_log", "train"]
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -364,10 +364,10 @@ class Run:
         self.last_update = (step, b)
         return False
 
-    def validate(self, epoch: int) -> bool:
-        """The validation after `epoch`; True when the run stopped."""
+    def validate(self, epoch: int, counts: Optional[FrameCounts] = None) -> bool:
+        """The validation after `epoch` (`counts`: already evaluated); True when the run stopped."""
         cfg, model, res, amp, step = self.cfg, self.model, self.res, self.amp, self.step
-        counts = evaluate(model, self.val_batches, self.device, amp)
+        counts = counts if counts is not None else evaluate(model, self.val_batches, self.device, amp)
         rolled = False
         while not math.isfinite(counts.loss()):
             # Parameters may be finite yet so large that the outputs are not (seen with skip/zero
