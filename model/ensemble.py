@@ -95,11 +95,10 @@ class _GivenDropout(nn.Module):
 
 
 def _same_cell(cfgs: list[TrainConfig]) -> None:
-    ref = dataclasses.replace(cfgs[0], seed=0)
     for c in cfgs[1:]:
-        if dataclasses.replace(c, seed=0) != ref:
-            diff = [f.name for f in dataclasses.fields(c) if f.name != "seed"
-                    and getattr(c, f.name) != getattr(cfgs[0], f.name)]
+        diff = [f.name for f in dataclasses.fields(c) if f.name != "seed"
+                and getattr(c, f.name) != getattr(cfgs[0], f.name)]
+        if diff:
             raise ValueError(f"train_ensemble: members must differ only in seed; seed {c.seed} "
                              f"differs from seed {cfgs[0].seed} in {', '.join(diff)}")
 
@@ -335,7 +334,7 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
         results[i] = run.resume(epoch, done)
 
     def share(t0: float) -> None:
-        dt = (time.perf_counter() - t0) / len(ens.ids)
+        dt = (time.perf_counter() - t0) / max(1, len(ens.ids))
         for i in ens.ids:
             loop_time[i] += dt
 
