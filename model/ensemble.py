@@ -65,7 +65,8 @@ from model.config import TrainConfig, resolve_device
 from model.data import Batch, SongData, make_data
 from model.metrics import FrameCounts, count_frames, masked_cross_entropy, predicted_chorus
 from model.nonfinite import NonFiniteEvent
-from model.train import LogFn, Run, TrainResult, _record, build_model, lr_factor, no_log, train
+from model.train import (LogFn, Run, TrainResult, _record, build_model, build_optimizer,
+                         lr_factor, no_log, train)
 
 __all__ = ["ensemble_declines", "train_ensemble"]
 
@@ -125,7 +126,6 @@ class _Ensemble:
                        .requires_grad_(True) for n in self.pnames}
         self.buffers = {n: torch.stack([dict(r.model.named_buffers())[n] for r in runs])
                         for n in self.bnames}
-        from model.train import build_optimizer
         self.opt = build_optimizer(self.cfg, list(self.params.values()))
         self._step_fn = vmap(self._member_step)
         self._eval_fn = vmap(self._member_eval, in_dims=(0, 0, None, None))
@@ -149,8 +149,10 @@ class _Ensemble:
             lambda m, a: seen.append((tuple(a[0].shape), a[0].stride()))) for n in self.drops]
         x = torch.zeros(cfg.batch_size, cfg.frames, self.runs[0].sampler.x.shape[1],
                         device=self.device)
-        with torch.random.fork_rng(devices=[torch.device(self.device)] if "cuda" in self.device
-                                   else []), torch.no_grad():
+        dev = torch.device(self.device)
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+            if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             probe.train()(x, torch.ones(x.shape[:2], dtype=torch.bool, device=self.device))
         for h in hooks:
             h.remove()
@@ -222,7 +224,6 @@ class _Ensemble:
         with torch.no_grad():
             self.params = {n: p[idx].clone().requires_grad_(True) for n, p in self.params.items()}
             self.buffers = {n: b[idx].clone() for n, b in self.buffers.items()}
-        from model.train import build_optimizer
         opt = build_optimizer(self.cfg, list(self.params.values()))
         for op, np_ in zip(old, self.params.values()):
             if op.grad is not None:
@@ -239,7 +240,8 @@ class _Ensemble:
     def forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, ...]:
         """Losses, pre-clip grad norms and chorus% of every member [M] each (read in one sync)."""
         dev = self.device
-        x, mask, y = (torch.stack([getattr(b, k) for b in batches]).to(dev) for k in ("x", "mask", "y"))
+        x, mask, y = (torch.stack([getattr(b, k) for b in batches]).to(dev)
+                      for k in ("x", "mask", "y"))
         self.template.train()
         loss, pct = self._step_fn(self.params, {**self.buffers, **self._noise()}, x, mask, y)
         for p in self.params.values():
