@@ -8,7 +8,8 @@
 Same cell (the fixed recipe unless --set), M seeds, the same data; "separate" is train() on each
 seed in turn, "ensemble" is model.ensemble.train_ensemble(ensemble=True). Both are timed side by
 side in one process, alternating which goes first on each repeat (the machine is noisy); the
-ratio is ensemble runs/hour over separate runs/hour, from the total time of each. The status of
+ratio is ensemble runs/hour over separate runs/hour, from the total time of each, and the median
+of the per-repeat ratios (robuster on a shared machine). The status of
 each member is printed for both, as a check that the two did the same runs.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
 import warnings
@@ -67,7 +69,7 @@ def main() -> int:
     train(cfgs0[0], data)  # warm-up: allocator, kernels, vmap's first trace
     train_ensemble(cfgs0, data, ensemble=True)
     print(f"{'M':>3} {'separate s':>11} {'ensemble s':>11} {'separate runs/h':>16} "
-          f"{'ensemble runs/h':>16} {'ratio':>6}  ratio per repeat, statuses equal")
+          f"{'ensemble runs/h':>16} {'ratio':>6} {'median':>6}  ratio per repeat, statuses equal")
     for m in args.members:
         cfgs = [dataclasses.replace(base, seed=s) for s in range(m)]
         t_sep, t_ens, ratios = [], [], []
@@ -86,7 +88,8 @@ def main() -> int:
             same &= [x.status for x in sep] == [x.status for x in ens]
         n, ts, te = m * args.repeats, sum(t_sep), sum(t_ens)
         print(f"{m:>3} {ts:>11.2f} {te:>11.2f} {3600 * n / ts:>16.0f} {3600 * n / te:>16.0f} "
-              f"{ts / te:>5.2f}x  {' '.join(f'{x:.2f}' for x in ratios)}, {same}", flush=True)
+              f"{ts / te:>5.2f}x {statistics.median(ratios):>5.2f}x  "
+              f"{' '.join(f'{x:.2f}' for x in ratios)}, {same}", flush=True)
     print(f"load at end {load_average()}")
     return 0
 
