@@ -34,7 +34,7 @@ from model.metrics import FrameCounts, count_frames, is_collapsed, masked_cross_
 from model.nonfinite import (MAX_ROLLBACKS, Forensics, Monitor, NonFiniteEvent, Snapshot,
                              locate_eval, locate_params, replay, rng_state, uses_rng)
 
-__all__ = ["LogFn", "NonFiniteEvent", "TrainResult", "no_log", "train"]
+__all__ = ["LogFn", "NonFiniteEvent", "Run", "TrainResult", "no_log", "train"]
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -186,203 +186,242 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
     data = data if data is not None else make_data(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.n_features).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
-    amp, scaler = autocast(cfg, device), grad_scaler(cfg, device)
-    sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
-    val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
-    res = TrainResult(status="converged", steps=0, epochs=0)
-    val_chorus_pct = 100.0 * float(np.mean(np.concatenate([s.labels for s in data.val])))
-    if val_chorus_pct == 0.0:
+    run = Run(cfg, data, model, device, log, t_start)
+    if run.val_chorus_pct == 0.0:
         warnings.warn(f"the validation split ({len(data.val)} song(s)) has no chorus frame: chorus "
                       f"F1 is undefined (reported as NaN), and predicting no chorus there is not "
                       f"a collapse", NoChorusWarning, stacklevel=2)
-    mon = Monitor(cfg.lead_up, cfg.spike_factor, cfg.spike_window, log)
-    keep_rng = cfg.forensics and uses_rng(model)  # a replay needs the step's dropout masks
-    snapshot = Snapshot() if cfg.nonfinite == "rollback" else None
-    if snapshot is not None:
-        snapshot.take(0, model, opt)
-    last_update: tuple[int, Optional[Batch]] = (0, None)  # step and batch of the latest update
-    total_steps = cfg.epochs * cfg.steps_per_epoch
-    scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
-    lr_mult = 1.0  # halved by each rollback
-    max_gn = -math.inf
-    stopped = False
-    step = 0
+    return run.resume()
 
-    def event(kind: str, action: str, epoch: int, loss_v: float, gn_v: float,
+
+class Run:
+    """The state of one run between steps, so that a run can be resumed mid-way: train() starts
+    one at step 0, model/ensemble.py resumes a member it ejects from a vectorised ensemble at the
+    step (or the validation) where the member needs what only this loop does."""
+
+    def __init__(self, cfg: TrainConfig, data: SongData, model: ChorusCNN, device: str,
+                 log: LogFn, t_start: float):
+        self.cfg, self.model, self.device, self.log, self.t_start = cfg, model, device, log, t_start
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(cfg, self.params)
+        self.amp, self.scaler = autocast(cfg, device), grad_scaler(cfg, device)
+        self.sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
+        self.val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
+        self.res = TrainResult(status="converged", steps=0, epochs=0)
+        self.val_chorus_pct = 100.0 * float(np.mean(np.concatenate([s.labels for s in data.val])))
+        self.mon = Monitor(cfg.lead_up, cfg.spike_factor, cfg.spike_window, log)
+        self.keep_rng = cfg.forensics and uses_rng(model)  # a replay needs the step's dropout masks
+        self.snapshot = Snapshot() if cfg.nonfinite == "rollback" else None
+        if self.snapshot is not None:
+            self.snapshot.take(0, model, self.opt)
+        self.last_update: tuple[int, Optional[Batch]] = (0, None)  # step and batch of the latest update
+        self.total_steps = cfg.epochs * cfg.steps_per_epoch
+        self.scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
+        self.lr_mult = 1.0  # halved by each rollback
+        self.max_gn = -math.inf
+        self.stopped = False
+        self.step = 0
+        self.t_loop = 0.0
+
+    def event(self, kind: str, action: str, epoch: int, loss_v: float, gn_v: float,
               locate: Callable[[], Optional[Forensics]]) -> None:
         """Record a non-finite event (forensics first, while the state is the failing one)."""
-        found = locate() if cfg.forensics else None
-        _record(res, mon, NonFiniteEvent(step, epoch, kind, action, loss_v, gn_v,
-                                         opt.param_groups[0]["lr"]), found)
-        mon.emit(step)
+        found = locate() if self.cfg.forensics else None
+        _record(self.res, self.mon, NonFiniteEvent(self.step, epoch, kind, action, loss_v, gn_v,
+                                                   self.opt.param_groups[0]["lr"]), found)
+        self.mon.emit(self.step)
 
-    def locate_bad_params() -> Optional[Forensics]:
-        return locate_params(model, opt, last_update[1], last_update[0], cfg.param_clamp)
+    def locate_bad_params(self) -> Optional[Forensics]:
+        return locate_params(self.model, self.opt, self.last_update[1], self.last_update[0],
+                             self.cfg.param_clamp)
 
-    def finish_update(bypass_scaler: bool = False) -> None:
+    def finish_update(self, bypass_scaler: bool = False) -> None:
         """Step the optimizer (through the scaler unless the grads were sanitised by hand)."""
-        if scaler is None or bypass_scaler:
-            opt.step()
+        if self.scaler is None or bypass_scaler:
+            self.opt.step()
         else:
-            scaler.step(opt)
-        if scaler is not None:
-            scaler.update()
+            self.scaler.step(self.opt)
+        if self.scaler is not None:
+            self.scaler.update()
 
-    t_loop = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        for _ in range(cfg.steps_per_epoch):
-            step += 1
-            if scheduled:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_mult * lr_factor(cfg, step, total_steps)
-            b = sampler.next().to(device)
-            rng = rng_state(device) if keep_rng else None
-            with amp():
-                logits = model(b.x, b.mask)  # [B, T, 2]
-                loss = masked_cross_entropy(logits, b.y, b.mask)
-            opt.zero_grad(set_to_none=True)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            if scaler is not None:
-                scaler.unscale_(opt)  # clip, log and check the true gradients
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = get_total_norm(grads)  # pre-clip, computed even when clipping is off
-            with torch.no_grad():
-                pred = predicted_chorus(logits.detach()) & b.mask
-                chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
-            # The one device sync of the step: these values are logged anyway.
-            loss_v, gn_v, pct_v = torch.stack(
-                [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
-            lr = opt.param_groups[0]["lr"]
-            log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
-                 "train/chorus_pct": pct_v}, step)
-            res.final_train_loss, res.final_grad_norm = loss_v, gn_v
-            if step == 1:
-                res.init_loss = loss_v
-            mon.step(step, loss_v, gn_v, lr)
-
-            if (scaler is not None and math.isfinite(loss_v) and not math.isfinite(gn_v)
-                    and scaler.get_scale() > 1.0):
-                # The *scaled* gradients overflowed: GradScaler skips the step and halves its
-                # scale. That is its normal working, not a non-finite event. At a scale <= 1 the
-                # gradients overflow unscaled: that is real and goes to the policy below.
-                res.scaler_skips += 1
-                finish_update()
-                log({"nonfinite/scaler_skips": float(res.scaler_skips)}, step)
-                continue
-            if math.isfinite(loss_v) and math.isfinite(gn_v):
-                max_gn = max(max_gn, gn_v)
-                if mon.is_spike(gn_v):
-                    skip = cfg.spike_action == "skip"
-                    _record(res, mon, NonFiniteEvent(step, epoch, "grad_spike",
-                                                     "skipped" if skip else "recorded",
-                                                     loss_v, gn_v, lr), None)
-                    mon.emit(step)
-                    if skip:
-                        if scaler is not None:
-                            scaler.update()
-                        continue
-                if snapshot is not None and step % cfg.rollback_every == 0 and params_finite(params):
-                    snapshot.take(step, model, opt)  # the pre-update state of a finite step
-                if cfg.grad_clip is not None:
-                    clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-                finish_update()
-            else:
-                params_ok = params_finite(params)
-                kind = ("params" if not params_ok else
-                        "loss" if not math.isfinite(loss_v) else "grad_norm")
-                action = _action(cfg, params_ok, res)
-
-                def locate() -> Optional[Forensics]:  # parameters are still pre-step here
-                    if not params_ok:
-                        return locate_bad_params()
-                    with amp():
-                        return replay(model, b, masked_cross_entropy, rng, device,
-                                      cfg.anomaly_mode)
-
-                event(kind, action, epoch, loss_v, gn_v, locate)
-                if action == "stopped":
-                    stopped = True
+    def resume(self, epoch: int = 1, done: int = 0) -> TrainResult:
+        """Run from `done` steps into `epoch` (done = steps_per_epoch: from its validation) to the
+        end; returns the outcome."""
+        cfg = self.cfg
+        self.t_loop = time.perf_counter() - self.t_loop  # t_loop holds the loop time so far
+        for epoch in range(epoch, cfg.epochs + 1):
+            self.model.train()
+            for _ in range(done, cfg.steps_per_epoch):
+                if self.train_step(epoch):
                     break
-                if action == "zeroed":
-                    # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
-                    for g in grads:
-                        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                    res.zeroed_steps += 1
-                    if cfg.grad_clip is not None:
-                        clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
-                    finish_update(bypass_scaler=True)
-                else:
-                    if action == "rolled_back":
-                        snapshot.restore(model, opt)
-                        lr_mult *= 0.5
+            done = 0
+            self.res.steps = self.step
+            if self.stopped:
+                break
+            self.res.epochs = epoch
+            if self.validate(epoch):
+                break
+        return self.finish()
+
+    def train_step(self, epoch: int) -> bool:
+        """One step of the loop; True when the run stopped."""
+        cfg, model, opt, scaler, res, mon, params = (self.cfg, self.model, self.opt, self.scaler,
+                                                     self.res, self.mon, self.params)
+        log, amp, device = self.log, self.amp, self.device
+        self.step += 1
+        step = self.step
+        if self.scheduled:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * self.lr_mult * lr_factor(cfg, step, self.total_steps)
+        b = self.sampler.next().to(device)
+        rng = rng_state(device) if self.keep_rng else None
+        with amp():
+            logits = model(b.x, b.mask)  # [B, T, 2]
+            loss = masked_cross_entropy(logits, b.y, b.mask)
+        opt.zero_grad(set_to_none=True)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip, log and check the true gradients
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = get_total_norm(grads)  # pre-clip, computed even when clipping is off
+        with torch.no_grad():
+            pred = predicted_chorus(logits.detach()) & b.mask
+            chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
+        # The one device sync of the step: these values are logged anyway.
+        loss_v, gn_v, pct_v = torch.stack(
+            [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
+        lr = opt.param_groups[0]["lr"]
+        log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
+             "train/chorus_pct": pct_v}, step)
+        res.final_train_loss, res.final_grad_norm = loss_v, gn_v
+        if step == 1:
+            res.init_loss = loss_v
+        mon.step(step, loss_v, gn_v, lr)
+
+        if (scaler is not None and math.isfinite(loss_v) and not math.isfinite(gn_v)
+                and scaler.get_scale() > 1.0):
+            # The *scaled* gradients overflowed: GradScaler skips the step and halves its
+            # scale. That is its normal working, not a non-finite event. At a scale <= 1 the
+            # gradients overflow unscaled: that is real and goes to the policy below.
+            res.scaler_skips += 1
+            self.finish_update()
+            log({"nonfinite/scaler_skips": float(res.scaler_skips)}, step)
+            return False
+        if math.isfinite(loss_v) and math.isfinite(gn_v):
+            self.max_gn = max(self.max_gn, gn_v)
+            if mon.is_spike(gn_v):
+                skip = cfg.spike_action == "skip"
+                _record(res, mon, NonFiniteEvent(step, epoch, "grad_spike",
+                                                 "skipped" if skip else "recorded",
+                                                 loss_v, gn_v, lr), None)
+                mon.emit(step)
+                if skip:
                     if scaler is not None:
                         scaler.update()
-                    continue
-            if cfg.param_clamp is not None:
-                with torch.no_grad():
-                    torch._foreach_clamp_min_(params, -cfg.param_clamp)
-                    torch._foreach_clamp_max_(params, cfg.param_clamp)
-            last_update = (step, b)
-        res.steps = step
-        if stopped:
-            break
-        res.epochs = epoch
-        counts = evaluate(model, val_batches, device, amp)
+                    return False
+            if (self.snapshot is not None and step % cfg.rollback_every == 0
+                    and params_finite(params)):
+                self.snapshot.take(step, model, opt)  # the pre-update state of a finite step
+            if cfg.grad_clip is not None:
+                clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            self.finish_update()
+        else:
+            params_ok = params_finite(params)
+            kind = ("params" if not params_ok else
+                    "loss" if not math.isfinite(loss_v) else "grad_norm")
+            action = _action(cfg, params_ok, res)
+
+            def locate() -> Optional[Forensics]:  # parameters are still pre-step here
+                if not params_ok:
+                    return self.locate_bad_params()
+                with amp():
+                    return replay(model, b, masked_cross_entropy, rng, device,
+                                  cfg.anomaly_mode)
+
+            self.event(kind, action, epoch, loss_v, gn_v, locate)
+            if action == "stopped":
+                self.stopped = True
+                return True
+            if action == "zeroed":
+                # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
+                for g in grads:
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+                res.zeroed_steps += 1
+                if cfg.grad_clip is not None:
+                    clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
+                self.finish_update(bypass_scaler=True)
+            else:
+                if action == "rolled_back":
+                    self.snapshot.restore(model, opt)
+                    self.lr_mult *= 0.5
+                if scaler is not None:
+                    scaler.update()
+                return False
+        if cfg.param_clamp is not None:
+            with torch.no_grad():
+                torch._foreach_clamp_min_(params, -cfg.param_clamp)
+                torch._foreach_clamp_max_(params, cfg.param_clamp)
+        self.last_update = (step, b)
+        return False
+
+    def validate(self, epoch: int, counts: Optional[FrameCounts] = None) -> bool:
+        """The validation after `epoch` (`counts`: already evaluated); True when the run stopped."""
+        cfg, model, res, amp, step = self.cfg, self.model, self.res, self.amp, self.step
+        counts = counts if counts is not None else evaluate(model, self.val_batches, self.device, amp)
         rolled = False
         while not math.isfinite(counts.loss()):
             # Parameters may be finite yet so large that the outputs are not (seen with skip/zero
             # at huge lr): the model is dead whatever the policy, unless it can be rolled back.
-            params_ok = params_finite(params)
+            params_ok = params_finite(self.params)
 
             def locate_val() -> Optional[Forensics]:
                 if not params_ok:
-                    return locate_bad_params()
+                    return self.locate_bad_params()
                 with amp():
-                    return locate_eval(model, val_batches, device)
+                    return locate_eval(model, self.val_batches, self.device)
 
             # A rollback is tried once: if the restored state fails validation too, it is stopped.
             action = ("rolled_back" if not rolled and _action(cfg, True, res) == "rolled_back"
                       else "stopped")
-            event("val_outputs" if params_ok else "params", action, epoch, counts.loss(),
-                  res.final_grad_norm, locate_val)
+            self.event("val_outputs" if params_ok else "params", action, epoch, counts.loss(),
+                       res.final_grad_norm, locate_val)
             if action == "stopped":
-                log({"val/loss": counts.loss()}, step)
-                stopped = True
-                break
-            snapshot.restore(model, opt)
-            lr_mult *= 0.5
+                self.log({"val/loss": counts.loss()}, step)
+                self.stopped = True
+                return True
+            self.snapshot.restore(model, self.opt)
+            self.lr_mult *= 0.5
             rolled = True
-            counts = evaluate(model, val_batches, device, amp)
-        if stopped:
-            break
+            counts = evaluate(model, self.val_batches, self.device, amp)
         f1 = counts.f1() if math.isfinite(counts.loss()) else float("nan")
         res.final_val_loss, res.final_val_f1 = counts.loss(), f1
         res.final_val_chorus_pct, res.final_val_accuracy = counts.chorus_pct(), counts.accuracy()
         if math.isfinite(f1):
             res.best_val_f1 = f1 if math.isnan(res.best_val_f1) else max(res.best_val_f1, f1)
-        log({"val/loss": counts.loss(), "val/chorus_f1": f1, "val/chorus_pct": counts.chorus_pct(),
-             "val/accuracy": counts.accuracy()}, step)
+        self.log({"val/loss": counts.loss(), "val/chorus_f1": f1,
+                  "val/chorus_pct": counts.chorus_pct(), "val/accuracy": counts.accuracy()}, step)
+        return False
 
-    if not stopped and not params_finite(params):  # e.g. a parameter no output depends on
-        stopped = True
-        event("params", "stopped", res.epochs, res.final_train_loss, res.final_grad_norm,
-              locate_bad_params)
-    mon.close(stopped)
-    res.recovered_events = sum(e.recovered is True for e in res.events if e.kind != "grad_spike")
-    if stopped:
-        res.status = "diverged"
-        # A diverged model has no meaningful validation score: say so with NaN, not 0.
-        res.final_val_loss = res.final_val_f1 = float("nan")
-        res.final_val_chorus_pct = res.final_val_accuracy = float("nan")
-    elif is_collapsed(res.final_val_chorus_pct, val_chorus_pct):
-        res.status = "collapsed"
-    elif res.nonfinite_events:
-        res.status = "recovered"
-    res.max_grad_norm = max_gn if max_gn > -math.inf else float("nan")
-    elapsed_loop = time.perf_counter() - t_loop
-    res.wall_time_s = time.perf_counter() - t_start
-    res.steps_per_s = res.steps / elapsed_loop if elapsed_loop > 0 else 0.0
-    return res
+    def finish(self) -> TrainResult:
+        """The end of training: the last parameter check, the status, the timings."""
+        res = self.res
+        if not self.stopped and not params_finite(self.params):  # e.g. a parameter no output depends on
+            self.stopped = True
+            self.event("params", "stopped", res.epochs, res.final_train_loss, res.final_grad_norm,
+                       self.locate_bad_params)
+        self.mon.close(self.stopped)
+        res.recovered_events = sum(e.recovered is True for e in res.events if e.kind != "grad_spike")
+        if self.stopped:
+            res.status = "diverged"
+            # A diverged model has no meaningful validation score: say so with NaN, not 0.
+            res.final_val_loss = res.final_val_f1 = float("nan")
+            res.final_val_chorus_pct = res.final_val_accuracy = float("nan")
+        elif is_collapsed(res.final_val_chorus_pct, self.val_chorus_pct):
+            res.status = "collapsed"
+        elif res.nonfinite_events:
+            res.status = "recovered"
+        res.max_grad_norm = self.max_gn if self.max_gn > -math.inf else float("nan")
+        elapsed_loop = time.perf_counter() - self.t_loop
+        res.wall_time_s = time.perf_counter() - self.t_start
+        res.steps_per_s = res.steps / elapsed_loop if elapsed_loop > 0 else 0.0
+        return res
