@@ -58,7 +58,8 @@ def objective_value(spec: StudySpec, res: TrainResult) -> float:
 
 
 def _start_child(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial, cfg: TrainConfig,
-                 cell: Cell, seed: int, run_key: str, run_id_attr: str) -> tuple[TrainConfig, Any]:
+                 cell: Cell, seed: int, run_key: str, run_id_attr: str,
+                 extra_tags: dict[str, str] | None = None) -> tuple[TrainConfig, Any]:
     """Open the run's MLflow child run (its id recorded on the trial as `run_id_attr`); returns
     the config it trains with (on the worker's device) and the child."""
     from ablations.tracking import run_name, run_tags
@@ -67,7 +68,8 @@ def _start_child(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial,
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
     child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags=run_tags(
-        spec, cell, seed, run_key, trial.number, WORKER_ID, trial.user_attrs.get("attempt", 1)))
+        spec, cell, seed, run_key, trial.number, WORKER_ID, trial.user_attrs.get("attempt", 1))
+        | (extra_tags or {}))
     trial.set_user_attr(run_id_attr, child.run_id)
     return cfg, child
 
@@ -234,9 +236,12 @@ def run_grid_trials(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrack
     try:
         with _children_fail_with(children):  # (the children opened so far)
             cfgs = []
+            # which runs trained together: their results agree with separate runs within float
+            # rounding, not bit for bit (model/ensemble.py)
+            together = {"ensemble": ",".join(str(r.seed) for _, r in claimed)}
             for t, (_, run) in zip(trials, claimed):
                 cfg, child = _start_child(ctx, tracker, t, run.config, run.cell, run.seed,
-                                          run.run_key, "mlflow_run_id")
+                                          run.run_key, "mlflow_run_id", together)
                 cfgs.append(cfg)
                 children.append(child)
             results = train_ensemble(cfgs, logs=[c.log for c in children], ensemble=True)

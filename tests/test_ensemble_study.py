@@ -74,6 +74,8 @@ def test_an_ensemble_study_equals_the_same_study_run_by_run(two_stores, monkeypa
     # one MLflow run per run, each with its own curve, FINISHED, named by its trial
     runs = together.runs(spec, "run")
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags["ensemble"] for r in runs) == ["0,1"] * 8  # seeds trained together
+    assert not any("ensemble" in r.data.tags for r in apart.runs(spec, "run"))
     assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in on.values()}
     steps = [len(together.client.get_metric_history(r.info.run_id, "train/loss")) for r in runs]
     assert steps == [6] * 8
