@@ -59,7 +59,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import statistics
 import time
 from typing import Optional, Union
 
@@ -88,6 +87,12 @@ def ensemble_declines(cfgs: list[TrainConfig], ensemble: Union[bool, str] = "aut
     if ensemble == "auto" and torch.device(resolve_device(cfgs[0].device)).type != "cuda":
         return "CPU under ensemble=auto (compute-bound: see benchmarks/ensemble.py)"
     return ""
+
+
+def _cuda_index(device: str) -> int:
+    """The CUDA device index of `device` ("cuda" means the current one)."""
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
 
 
 class _GivenDropout(nn.Module):
@@ -155,9 +160,7 @@ class _Ensemble:
             lambda m, a: seen.append((tuple(a[0].shape), a[0].stride()))) for n in self.drops]
         x = torch.zeros(cfg.batch_size, cfg.frames, self.runs[0].sampler.x.shape[1],
                         device=self.device)
-        dev = torch.device(self.device)
-        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-            if dev.type == "cuda" else []
+        cuda = [_cuda_index(self.device)] if torch.device(self.device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             probe.train()(x, torch.ones(x.shape[:2], dtype=torch.bool, device=self.device))
         for h in hooks:
@@ -172,8 +175,7 @@ class _Ensemble:
         cuda = torch.device(self.device).type == "cuda"
         for i in self.ids:
             if cuda:
-                dev = torch.device(self.device)
-                idx = dev.index if dev.index is not None else torch.cuda.current_device()
+                idx = _cuda_index(self.device)
                 saved = torch.cuda.get_rng_state(idx)
                 torch.cuda.set_rng_state(self.gens[i], idx)
             for k, (shape, stride) in enumerate(self.layouts):
@@ -286,13 +288,6 @@ class _Ensemble:
         return [FrameCounts(*row) for row in total.tolist()]
 
 
-def _would_spike(run: Run, gn: float) -> bool:
-    """Monitor.is_spike without adding gn to the window (a member ejected redoes the step)."""
-    mon = run.mon
-    return (mon.spike_factor is not None and len(mon.norms) == mon.norms.maxlen
-            and gn > mon.spike_factor * statistics.median(mon.norms))
-
-
 def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
                    logs: list[LogFn] | None = None,
                    ensemble: Union[bool, str] = "auto") -> list[TrainResult]:
@@ -316,9 +311,7 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
         torch.manual_seed(c.seed)
         model = build_model(c, data.n_features).to(device)
         if cuda:
-            d = torch.device(device)
-            gens.append(torch.cuda.get_rng_state(d.index if d.index is not None else
-                                                 torch.cuda.current_device()))
+            gens.append(torch.cuda.get_rng_state(_cuda_index(device)))
         else:
             gens.append(torch.Generator().set_state(torch.get_rng_state()))
         runs.append(Run(c, data, model, device, lg, t0))
@@ -332,9 +325,7 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
         run = runs[i]
         ens.write_back(i, buffers)
         if cuda:
-            d = torch.device(device)
-            torch.cuda.set_rng_state(ens.rng_state(i), d.index if d.index is not None else
-                                     torch.cuda.current_device())
+            torch.cuda.set_rng_state(ens.rng_state(i), _cuda_index(device))
         else:
             torch.set_rng_state(ens.rng_state(i))
         run.t_start = time.perf_counter() - setup[i] - loop_time[i]
@@ -366,7 +357,7 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
             for j, i in enumerate(ens.ids):
                 loss_v, gn_v = rows[0][j], rows[1][j]
                 if not (math.isfinite(loss_v) and math.isfinite(gn_v)) or (
-                        cfg.spike_action == "skip" and _would_spike(runs[i], gn_v)):
+                        cfg.spike_action == "skip" and runs[i].mon.would_spike(gn_v)):
                     leaving.append(i)
             for i in leaving:  # back to the state before this step, which train() redoes
                 runs[i].sampler.rng.bit_generator.state = pre[i][0]

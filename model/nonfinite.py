@@ -478,12 +478,15 @@ class Monitor:
             self.pending.pop(0).recovered = True
         self.lead.append((step, loss, grad_norm, lr))
 
+    def would_spike(self, grad_norm: float) -> bool:
+        """Whether a finite grad norm is a spike, without adding it to the window."""
+        return (self.spike_factor is not None and len(self.norms) == self.norms.maxlen
+                and grad_norm > self.spike_factor * statistics.median(self.norms))
+
     def is_spike(self, grad_norm: float) -> bool:
-        """Whether a finite grad norm is a spike; it joins the window either way."""
-        if self.spike_factor is None:
-            return False
-        spike = (len(self.norms) == self.norms.maxlen
-                 and grad_norm > self.spike_factor * statistics.median(self.norms))
+        """Whether a finite grad norm is a spike; it joins the window either way (the window is
+        read only when spikes are checked)."""
+        spike = self.would_spike(grad_norm)
         self.norms.append(grad_norm)
         return spike
 
