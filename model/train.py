@@ -71,7 +71,10 @@ class TrainResult:
     best_val_f1: float = float("nan")
     final_val_chorus_pct: float = float("nan")
     final_val_accuracy: float = float("nan")
-    init_loss: float = float("nan")  # training loss of step 1, before any update (LR sensitivity's l0)
+    init_loss: float = float("nan")  # training loss of step 1, before any update
+    # validation loss of the initial model, before any update: LR sensitivity's l0 (Wortsman et
+    # al. 2023), measured on the same frames as final_val_loss, so the two are like for like
+    init_val_loss: float = float("nan")
     wall_time_s: float = 0.0
     steps_per_s: float = 0.0
     events: list[NonFiniteEvent] = field(default_factory=list)
@@ -208,6 +211,9 @@ class Run:
         self.sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
         self.val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
         self.res = TrainResult(status="converged", steps=0, epochs=0)
+        # Eval mode, no grad: touches no RNG, no BatchNorm statistic, no optimizer state, so the
+        # run that follows is the same run as without it.
+        self.res.init_val_loss = evaluate(model, self.val_batches, device, self.amp).loss()
         self.val_chorus_pct = 100.0 * float(np.mean(np.concatenate([s.labels for s in data.val])))
         self.mon = Monitor(cfg.lead_up, cfg.spike_factor, cfg.spike_window, log)
         self.keep_rng = cfg.forensics and uses_rng(model)  # a replay needs the step's dropout masks

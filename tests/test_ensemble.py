@@ -7,7 +7,9 @@ BatchNorm have a gradient that is zero in exact arithmetic, i.e. pure rounding n
 normalises into full-size steps: those biases (and the running means that track them) random-walk
 differently in any two float implementations, so eval-mode outputs differ: val/loss by ~2e-4
 relative, and on this 2-song validation split a few frames flip, moving F1 / chorus% by up to
-~9 % relative. Hence RTOL_BN_VAL. Every other parameter agreed to 1e-8 absolute.
+~9 % relative. Hence RTOL_BN_VAL, and ATOL_BN_VAL for F1 and chorus% near zero, where a frame or
+two is a large relative change (on an AMD EPYC, F1 0.024 solo vs 0.029 as an ensemble). Every
+other parameter agreed to 1e-8 absolute.
 """
 
 import dataclasses
@@ -31,6 +33,8 @@ OVERFLOW = dict(features="power", input_norm=False, feature_scale=1e16, batch_si
 RTOL = 1e-5
 RTOL_BN_VAL = {"val/loss": 2e-3, "val/chorus_f1": 0.15, "val/chorus_pct": 0.15,
                "val/accuracy": 0.02}
+# absolute slack where the relative one means nothing: F1 and chorus% close to 0 (a few frames)
+ATOL_BN_VAL = {"val/chorus_f1": 0.01, "val/chorus_pct": 1.0}
 COUNTS = ("status", "steps", "epochs", "nonfinite_events", "events_loss", "events_grad_norm",
           "events_params", "events_val_outputs", "recovered_events", "skipped_steps",
           "scaler_skips", "zeroed_steps", "rollbacks", "spikes", "first_nonfinite_step",
@@ -52,10 +56,10 @@ def cfgs(seeds=(0, 1, 2), **over):
         return [TrainConfig(**{**TINY, **over, "seed": s}) for s in seeds]
 
 
-def close(a: float, b: float, rtol: float) -> bool:
+def close(a: float, b: float, rtol: float, atol: float = 0.0) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
-    return a == b or abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
+    return a == b or abs(a - b) <= max(rtol * max(abs(a), abs(b), 1e-12), atol)
 
 
 def check(members, val_rtol=None):
@@ -74,13 +78,16 @@ def check(members, val_rtol=None):
         for (st, ms), (_, me) in zip(sl.calls, el.calls):
             for k, v in ms.items():
                 rtol = (val_rtol or {}).get(k, RTOL)
-                assert close(v, me[k], rtol), (c.seed, st, k, v, me[k])
+                atol = ATOL_BN_VAL.get(k, 0.0) if val_rtol is RTOL_BN_VAL else 0.0
+                assert close(v, me[k], rtol, atol), (c.seed, st, k, v, me[k])
         so, eo = s.outcome(), e.outcome()
         for k in so:
             if k not in TIMING:
-                rtol = (val_rtol or {}).get(k.replace("final_val_", "val/").replace(
-                    "best_val_", "val/").replace("f1", "chorus_f1"), RTOL)
-                assert close(so[k], eo[k], rtol), (c.seed, k, so[k], eo[k])
+                name = k.replace("final_val_", "val/").replace("best_val_", "val/").replace(
+                    "f1", "chorus_f1")
+                rtol = (val_rtol or {}).get(name, RTOL)
+                atol = ATOL_BN_VAL.get(name, 0.0) if val_rtol is RTOL_BN_VAL else 0.0
+                assert close(so[k], eo[k], rtol, atol), (c.seed, k, so[k], eo[k])
         assert e.wall_time_s > 0 and e.steps_per_s > 0
     return solo
 
