@@ -16,10 +16,12 @@ How runs are counted
 Effects here (on minus off, or level minus the first level of a field factor) are paired: each
 run is matched with the run that differs only in that factor (same other factors, same seed).
 Where the design has no such partner, the effect is the difference of the two arms' means. 95 %
-CIs are bootstrap CIs (scipy.stats.bootstrap, BCa; percentile where BCa is undefined) over pairs
-or runs. The report uses these for one-at-a-time designs; factorial designs are analysed with
-their own linear model (ablations.effects), rates with score intervals (ablations.rates), and
-verdicts follow ablations.verdicts.RULE.
+CIs are t intervals: over the pairs (Welch's for unpaired arms). A bootstrap is not used: over 3
+paired differences a BCa bootstrap covers 69 % for a nominal 95 %, over 6 pairs 88 %, where the
+t interval keeps its level (benchmarks/coverage.py). One-at-a-time designs are analysed per
+background (ablations.backgrounds: the fix added to the broken recipe, and dropped from the fixed
+one, never pooled); factorial designs with their own linear model (ablations.effects); rates
+with score intervals (ablations.rates); verdicts follow ablations.verdicts.RULE.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ablations import identity, rates
+from ablations import backgrounds, identity, rates
 from ablations.fixes import FIXES
 from ablations.verdicts import Estimate as Estimate_
 from ablations.verdicts import judge
@@ -130,6 +132,33 @@ def load_runs(study: str, tracking_uri: Optional[str] = None,
     return prepare(df).reset_index(drop=True)
 
 
+def load_crashed(study: str, tracking_uri: Optional[str], runs: pd.DataFrame,
+                 plan: Optional[Iterable[tuple[str, int]]] = None) -> pd.DataFrame:
+    """The runs that crashed past their retries: a FAILED attempt and no FINISHED run of that
+    cell x seed. Same columns as `load_runs` (status 'crashed', no outcome), so a stability
+    table can show a crash apart from a failure and from a run that is simply missing."""
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, study)
+    done = {(_canonical(c), s) for c, s in zip(runs.get("cell", []), runs.get("seed", []))}
+    wanted = {(_canonical(c), s) for c, s in plan} if plan is not None else None
+    rows, token = {}, None
+    while True:
+        page = client.search_runs([exp_id], filter_string="tags.kind = 'run' and "
+                                  "attributes.status = 'FAILED'", max_results=1000,
+                                  page_token=token)
+        for r in page:
+            t = r.data.tags
+            key = (_canonical(t.get("cell", "")), int(t.get("seed", -1)))
+            if key in done or (wanted is not None and key not in wanted):
+                continue
+            rows[key] = {"cell": t.get("cell", ""), "seed": key[1], "status": "crashed",
+                         "roles": t.get("roles", ""), **identity.values_of(t)}
+        token = page.token
+        if not token:
+            break
+    return pd.DataFrame(list(rows.values()))
+
+
 def _canonical(cell: str) -> str:
     return " ".join(sorted(cell.split()))
 
@@ -211,37 +240,17 @@ class Estimate:
         return self.low > 0 or self.high < 0
 
 
-def bootstrap_mean(x: np.ndarray, seed: int = 0, n_resamples: int = 2000) -> tuple[float, float]:
-    """95 % CI of the mean of x (BCa; percentile where BCa is undefined; a point if x is constant)."""
-    x = np.asarray(x, dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) == 1 or np.ptp(x) == 0:
-        return float(x.mean()), float(x.mean())
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, method=method,
-                                 rng=np.random.default_rng(seed)).confidence_interval
-        if np.isfinite(ci.low) and np.isfinite(ci.high):
-            return float(ci.low), float(ci.high)
-    return math.nan, math.nan
+def t_mean(x: np.ndarray) -> tuple[float, float]:
+    """95 % t interval of the mean of x (paired differences); NaN where it cannot be made (one
+    value, or every value equal: see backgrounds.paired_t)."""
+    m = backgrounds.paired_t(x)
+    return m.low, m.high
 
 
-def bootstrap_diff(a: np.ndarray, b: np.ndarray, seed: int = 0,
-                   n_resamples: int = 2000) -> tuple[float, float]:
-    """95 % CI of mean(b) - mean(a) for independent samples (percentile bootstrap)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) == 0 or len(b) == 0:
-        return math.nan, math.nan
-    if np.ptp(np.concatenate([a, b])) == 0:
-        return 0.0, 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ci = stats.bootstrap((b, a), lambda y, x, axis=-1: y.mean(axis) - x.mean(axis),
-                             n_resamples=n_resamples, method="percentile", vectorized=True,
-                             rng=np.random.default_rng(seed)).confidence_interval
-    return float(ci.low), float(ci.high)
+def t_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """95 % Welch t interval of mean(b) - mean(a) for independent samples."""
+    m = backgrounds.welch(b, a)
+    return m.low, m.high
 
 
 def _levels(runs: pd.DataFrame, factor: str) -> list:
@@ -264,11 +273,11 @@ def paired_effect(runs: pd.DataFrame, factor: str, ref, level, outcome: str,
     if len(joined) >= 2:
         finite = joined.dropna()
         d = (finite["b"] - finite["a"]).to_numpy()
-        lo, hi = bootstrap_mean(d)
+        lo, hi = t_mean(d)
         return Estimate(float(d.mean()) if len(d) else math.nan, lo, hi, len(d), True,
                         len(joined) - len(finite))
     fa, fb = a.dropna().to_numpy(), b.dropna().to_numpy()
-    lo, hi = bootstrap_diff(fa, fb)
+    lo, hi = t_diff(fa, fb)
     eff = float(fb.mean() - fa.mean()) if len(fa) and len(fb) else math.nan
     return Estimate(eff, lo, hi, len(fa) + len(fb), False, len(a) + len(b) - len(fa) - len(fb))
 
@@ -320,43 +329,33 @@ def interactions(runs: pd.DataFrame, factors: list[str], outcome: str = "final_v
                 per_block = df.groupby("block").apply(
                     lambda g: g.loc[g.s > 0, "y"].mean() - g.loc[g.s < 0, "y"].mean(),
                     include_groups=False).to_numpy()
-                lo, hi = bootstrap_mean(per_block)
+                lo, hi = t_mean(per_block)
                 est = Estimate(float(per_block.mean()), lo, hi, len(per_block), True,
                                int((~ok).sum()))
             else:
                 pos, neg = df.loc[df.s > 0, "y"].to_numpy(), df.loc[df.s < 0, "y"].to_numpy()
-                lo, hi = bootstrap_diff(neg, pos)
+                lo, hi = t_diff(neg, pos)
                 est = Estimate(float(pos.mean() - neg.mean()) if len(pos) and len(neg) else math.nan,
                                lo, hi, len(df), False, int((~ok).sum()))
             rows.append({"a": a, "b": b, "outcome": outcome, **est.__dict__})
     return pd.DataFrame(rows)
 
 
-def one_at_a_time(runs: pd.DataFrame, outcome: str = "final_val_f1") -> pd.DataFrame:
-    """Add-one-in (add:X minus broken) and leave-one-out (fixed minus drop:X) deltas, paired by seed."""
-    col = OUTCOMES[outcome][0]
-    by_role: dict[str, pd.Series] = {}
-    for _, r in runs.iterrows():
-        for role in str(r["roles"]).split(","):
-            if role:
-                by_role.setdefault(role, {})[r["seed"]] = r[col]
-    by_role = {k: pd.Series(v) for k, v in by_role.items()}
-    rows = []
-    for role in sorted(by_role):
-        kind, _, name = role.partition(":")
-        if kind not in ("add", "drop"):
-            continue
-        base, other = ("broken", role) if kind == "add" else (role, "fixed")
-        if base not in by_role or other not in by_role:
-            continue
-        j = pd.concat([by_role[base].rename("a"), by_role[other].rename("b")], axis=1,
-                      join="inner").dropna()
-        d = (j["b"] - j["a"]).to_numpy()
-        lo, hi = bootstrap_mean(d)
-        rows.append({"factor": name, "kind": "add-one-in" if kind == "add" else "leave-one-out",
-                     "outcome": outcome, "effect": float(d.mean()) if len(d) else math.nan,
-                     "low": lo, "high": hi, "n": len(d)})
-    return pd.DataFrame(rows)
+def one_at_a_time(runs: pd.DataFrame, outcome: str = "final_val_f1",
+                  stress: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per fix x background x regime: the fix added to the broken recipe (add:X minus
+    broken) and dropped from the fixed one (fixed minus drop:X), paired by seed *and* stress cell;
+    with an lr axis, each seed's differences are averaged over the rungs both runs have (the
+    `rungs` column says which), then a t interval over seeds. `backgrounds` says whether the two
+    backgrounds agree (ablations.backgrounds.agreement)."""
+    from ablations import stability
+
+    design = [f for f in factor_names(runs) if f in runs and f not in stress]
+    lay = stability.layout(runs, design + list(stress), stress) if stress else None
+    axis = lay.axis if lay is not None else None
+    t = backgrounds.continuous(runs, design, [s for s in stress if s in runs],
+                               OUTCOMES[outcome][0], axis)
+    return backgrounds.public(t)
 
 
 def ablation_path(runs: pd.DataFrame, factors: list[str],
@@ -419,32 +418,76 @@ def instability_estimates(runs: pd.DataFrame, factors: list[str], fix: str,
     return out
 
 
+def background_estimates(tests: pd.DataFrame) -> dict[str, list[Estimate_]]:
+    """Per fix: one estimate per row of a per-background table (backgrounds.rate_tests, or
+    stability.fix_effects restricted to its verdict outcomes), named by background and regime."""
+    labels = {**INSTABILITY, "edge_shift": "edge shift (log10 LR50)",
+              "unstable_rate": "unstable rate"}
+    out: dict[str, list[Estimate_]] = {}
+    for r in tests.itertuples():
+        where = r.background + ("" if r.regime == "all" else f", {r.regime}")
+        counts = None
+        if isinstance(getattr(r, "counts", ""), str) and " vs " in r.counts:
+            (a, n1), (b, n0) = (map(int, x.split("/")) for x in r.counts.split(" vs "))
+            counts = (a, n1, b, n0)
+        better = getattr(r, "better", "lower")
+        out.setdefault(r.fix, []).append(Estimate_(
+            labels.get(r.outcome, r.outcome), r.effect, r.low, r.high, r.p, better, counts,
+            getattr(r, "method", ""), where, not bool(r.untested),
+            getattr(r, "shown", "") if r.outcome == "edge_shift" else ""))
+    return out
+
+
+def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence[str] = (),
+                    stability_effects: Optional[pd.DataFrame] = None
+                    ) -> dict[str, list[Estimate_]]:
+    """The evidence each claim is judged on.
+
+    One-at-a-time designs: per background and regime, never pooled. With a stress axis, the
+    shift of the edge and the unstable rate (ablations.stability); otherwise the divergence and
+    collapse rates, paired by seed and stress cell. Factorial designs: the rates as the design's
+    main effect (on vs off over every other fix), per regime."""
+    design = [f for f in factors if f not in stress]
+    if backgrounds.has_roles(runs):
+        if stability_effects is not None and not stability_effects.empty:
+            from ablations.stability import VERDICT_OUTCOMES
+
+            tests = stability_effects[stability_effects.outcome.isin(VERDICT_OUTCOMES)]
+        else:
+            tests = backgrounds.rate_tests(runs, design, [s for s in stress if s in runs])
+        return {k: v for k, v in background_estimates(tests).items() if k in FIXES}
+    from ablations import stability
+
+    regimes = stability.layout(runs, factors, stress).regime if stress else ()
+    return {n: instability_estimates(runs, factors, n, regimes) for n in design
+            if n in FIXES and runs[n].nunique() == 2}
+
+
 def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
-             extra: Optional[dict[str, list[Estimate_]]] = None,
-             regimes: Sequence[str] = ()) -> pd.DataFrame:
-    """Supported / refuted / inconclusive / untested for each seed claim whose fix is a factor.
+             claims: Optional[dict[str, list[Estimate_]]] = None) -> pd.DataFrame:
+    """Supported / refuted / background-dependent / inconclusive / untested for each seed claim
+    whose fix is a factor.
 
     Every claim of the seed is about instability (`loss=nan`, `chorus%=0`), so it is judged on
-    the divergence and collapse rates (plus `extra` estimates per fix, e.g. stability outcomes),
-    by the rule in `ablations.verdicts.RULE` (Holm across all claims judged here). The F1 effect
-    is shown next to it as context, not as evidence for the claim.
+    the estimates of `claim_estimates` by the rule in `ablations.verdicts.RULE` (Holm across every
+    test judged here). The F1 effect is shown next to it as context, not as evidence.
     """
     columns = ["fix", "critical", "claim", "verdict", "evidence", "reason"]
     if effects.empty:
         return pd.DataFrame(columns=columns)
-    factors = [f for f in factor_names(runs) if f in runs]
-    fixes = [n for n in FIXES if n in set(effects.factor) and
-             not effects[(effects.factor == n) & (effects.contrast == "on vs off")].empty]
-    claims = {n: instability_estimates(runs, factors, n, regimes) + list((extra or {}).get(n, []))
-              for n in fixes}
-    judged = judge(claims)
+    claims = claims if claims is not None else claim_estimates(
+        runs, [f for f in factor_names(runs) if f in runs])
+    fixes = [n for n in FIXES if n in claims]
+    judged = judge({n: claims[n] for n in fixes})
     rows = []
     for name in fixes:
         f1 = effects[(effects.factor == name) & (effects.outcome == "final_val_f1")]
-        f1 = next(f1.itertuples(), None)
+        ctx = "; ".join(f"{r.contrast}: {_ci(r, 3)}" for r in f1.head(4).itertuples())
+        if len(f1) > 4:
+            ctx += f"; ... ({len(f1)} in the tables)"
         v = judged[name]
         ev = "; ".join(e.describe() for e in claims[name])
-        sentence = f"{name} on vs off: {ev}; final F1 change {_ci(f1, 3)} (context)."
+        sentence = f"{name} on vs off: {ev}; final F1 change {ctx or 'n/a'} (context)."
         rows.append({"fix": name, "critical": FIXES[name].critical, "claim": FIXES[name].claim,
                      "verdict": v.verdict, "evidence": sentence, "reason": v.reason})
     return pd.DataFrame(rows, columns=columns)
@@ -453,6 +496,9 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
 def _ci(o, digits: int = 2) -> str:
     if o is None or (isinstance(o.effect, float) and math.isnan(o.effect)):
         return "n/a"
+    if not math.isfinite(o.low):  # no interval: one pair, or every seed agreeing
+        note = getattr(o, "note", "") or "no interval"
+        return f"{o.effect:+.{digits}f} ({note})"
     return f"{o.effect:+.{digits}f} [95% CI {o.low:+.{digits}f}, {o.high:+.{digits}f}]"
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations import analysis, effects as fx, rates, stability  # noqa: E402
+from ablations import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
 from ablations.fixes import FIXES  # noqa: E402
 from ablations.verdicts import RULE  # noqa: E402
 
@@ -42,6 +42,8 @@ class Report:
     path: pd.DataFrame
     stress: list[str] = field(default_factory=list)
     stability_effects: pd.DataFrame = field(default_factory=pd.DataFrame)
+    crashed: pd.DataFrame = field(default_factory=pd.DataFrame)  # runs crashed past retries
+    rate_tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # one-at-a-time, per background
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: Optional[Path] = None
     design: str = ""
@@ -272,20 +274,46 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
                       importance=importance.importance(runs, factors),
                       associations=importance.associations(runs, factors))
     fits, aliases = {}, None
+    rate_tests = pd.DataFrame()
+    in_runs = [x for x in stress if x in runs]
+    lay = stability.layout(runs, factors, in_runs) if in_runs else None
+    crashed = analysis.load_crashed(study, tracking_uri, runs, plan) if in_runs else pd.DataFrame()
+    stab = (stability.fix_effects(runs, lay, crashed if len(crashed) else None)
+            if lay is not None and lay.has_axis else pd.DataFrame())
     if design in ("full_factorial", "fractional_factorial") and fx.two_level(runs, factors) == factors:
         de = fx.factorial_effects(runs, factors, tags.get("mlflow.note.content", ""))
         effects, inter, fits, aliases = de.effects, de.interactions, de.fits, de.aliases
-    else:  # one at a time (or factors with more than two levels): paired where partners exist
+        oat = pd.DataFrame()
+    elif backgrounds.has_roles(runs):  # one at a time: each fix in each background, never pooled
+        design_f = [f for f in factors if f not in in_runs]
+        axis = lay.axis if lay is not None else None
+        cont = pd.concat([backgrounds.continuous(runs, design_f, in_runs, o, axis)
+                          for o in fx.CONTINUOUS], ignore_index=True)
+        rate_tests = backgrounds.rate_tests(runs, design_f, in_runs, axis=axis)
+        effects = _as_effects(pd.concat([cont, rate_tests], ignore_index=True))
+        inter = pd.DataFrame()
+        oat = backgrounds.public(cont[cont.outcome == "final_val_f1"])
+    else:  # factors with more than two levels: paired where partners exist
         effects = pd.concat([analysis.main_effects(runs, factors, fx.CONTINUOUS),
                              rates.rate_table(runs, factors)], ignore_index=True)
         inter = analysis.interactions(runs, factors)
-    regimes = stability.layout(runs, factors, stress).regime if stress else ()
-    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs, regimes=regimes),
-                  inter,
-                  analysis.one_at_a_time(runs) if runs["roles"].str.len().gt(0).any()
-                  else pd.DataFrame(),
-                  analysis.ablation_path(runs, factors), design=design, fits=fits,
-                  aliases=aliases, stress=stress)
+        oat = pd.DataFrame()
+    claims = analysis.claim_estimates(runs, factors, in_runs, stab)
+    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs, claims),
+                  inter, oat, analysis.ablation_path(runs, factors), design=design, fits=fits,
+                  aliases=aliases, stress=stress, stability_effects=stab, crashed=crashed,
+                  rate_tests=backgrounds.public(rate_tests))
+
+
+def _as_effects(t: pd.DataFrame) -> pd.DataFrame:
+    """A per-background table in the columns the figures and the tracker read: `factor`, and the
+    background (with the regime, where there are several) as `contrast`."""
+    if t.empty:
+        return t
+    t = backgrounds.public(t).rename(columns={"fix": "factor"})
+    t.insert(1, "contrast", [b if r == "all" else f"{b}, {r}" for b, r in
+                             zip(t["background"], t["regime"])])
+    return t
 
 
 def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,
@@ -319,8 +347,9 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     if rep.stress:
         from ablations import stability_report
 
-        st_lines, st_figs, rep.stability_effects = stability_report.section(
-            runs, rep.factors, rep.stress, out_dir, analysis.to_markdown)
+        st_lines, st_figs = stability_report.section(
+            runs, rep.factors, rep.stress, out_dir, analysis.to_markdown, rep.stability_effects,
+            rep.crashed if len(rep.crashed) else None)
         lines += st_lines
         rep.figures.update(st_figs)
     lines += ["## Figures", ""]
@@ -347,19 +376,29 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
 
 def _effect_sections(rep: Report) -> list[str]:
     factorial = bool(rep.fits)
+    per_background = not factorial and "background" in rep.effects
     if factorial:
         how = ("Effects of continuous outcomes come from the design's own linear model: OLS on the "
                "factors coded -1/+1 with all main effects and the estimable two-factor "
                "interactions, seeds as replicates. **Effect = 2 x coefficient** (the DOE textbook "
                "convention): the mean at + (on) minus the mean at - (off), averaged over the other "
-               "factors. 95 % CIs are t intervals from the residual error (`boot_low`/`boot_high`: "
-               "seed-cluster bootstrap as a check, with 3 or more seeds; where residual df are too "
-               "few it gives the CIs, and an unreplicated design uses Lenth's pseudo standard "
-               "error and the half-normal plot).")
+               "factors. 95 % CIs are t intervals from the residual error (with 10 or more seeds "
+               "a seed-cluster bootstrap is shown beside them as `boot_low`/`boot_high`; with "
+               "fewer it covers too little to be shown); an unreplicated design uses Lenth's "
+               "pseudo standard error and the half-normal plot.")
+    elif per_background:
+        how = ("One at a time: each fix is judged in two backgrounds, separately: *added to "
+               "broken* (add:X minus broken) and *dropped from fixed* (fixed minus drop:X), per "
+               "regime. Two runs are paired only when they share the seed and the stress cell; "
+               "with an lr ladder each seed's differences are averaged over the rungs both runs "
+               "have (`rungs`). 95 % CIs are t intervals over the seeds (an interval is not shown "
+               "where every seed agrees: `note`). `backgrounds`: *opposite* when both intervals "
+               "exclude 0 with opposite signs, *differ* when the difference of the two effects "
+               "excludes 0, *agree* otherwise.")
     else:
         how = ("Effects of continuous outcomes are on minus off (or level minus the first level), "
                "paired by the other factors and seed where the design allows (`paired`), with 95 % "
-               "bootstrap CIs.")
+               "t CIs (Welch's where unpaired).")
     how += (" Rate differences (divergence, collapse) get Newcombe's score intervals, paired "
             "where the design pairs runs; 0/n vs 0/n is shown as such, with its real interval.")
     lines = ["## How effects are estimated", "", how, "",
@@ -379,7 +418,9 @@ def _effect_sections(rep: Report) -> list[str]:
         if f1 is not None:
             lines += ["", "### final F1: every term", "", analysis.to_markdown(f1.table, ".4f"), ""]
     eff = rep.effects
-    if not eff.empty:
+    if per_background:
+        lines += _background_sections(rep)
+    elif not eff.empty:
         cont = eff[~eff.outcome.isin(["diverged", "collapsed"])]
         keep = [c for c in ["factor", "contrast", "outcome", "effect", "low", "high", "p", "n",
                             "paired", "dropped", "mean_off", "mean_on", "aliases"]
@@ -398,10 +439,34 @@ def _effect_sections(rep: Report) -> list[str]:
                    "with B off)." if factorial else
                    "AB = half of (effect of A with B on) minus (effect of A with B off)."), "",
                   analysis.to_markdown(inter[cols]), ""]
-    if not rep.one_at_a_time.empty:
-        lines += ["## One at a time (final F1)", "", analysis.to_markdown(rep.one_at_a_time), ""]
     if not rep.path.empty:
         lines += ["## Ablation path (greedy, final F1)", "", analysis.to_markdown(rep.path), ""]
+    return lines
+
+
+def _background_sections(rep: Report) -> list[str]:
+    """One-at-a-time tables: one row per fix x background x regime, the rungs stated."""
+    eff = rep.effects
+    cols = ["factor", "background", "regime", "rungs", "effect", "low", "high", "p", "n", "note",
+            "backgrounds", "mean_off", "mean_on"]
+    lines = ["## One at a time: final F1 per fix, background and regime", "",
+             analysis.to_markdown(eff[eff.outcome == "final_val_f1"][cols]), ""]
+    others = eff[eff.outcome.isin(["best_val_f1", "final_val_loss", "max_grad_norm"])]
+    if not others.empty:
+        lines += ["## One at a time: other outcomes", "",
+                  "`dropped`: pairs left out because the outcome was not measurable (a diverged "
+                  "run has no loss).", "",
+                  analysis.to_markdown(others[["factor", "background", "regime", "outcome",
+                                               "effect", "low", "high", "n", "dropped", "note",
+                                               "backgrounds"]]), ""]
+    rt = eff[eff.outcome.isin(["diverged", "collapsed"])]
+    if not rt.empty:
+        lines += ["## Rate differences per background (fix on minus off)", "",
+                  "Paired by seed and stress cell (Newcombe). `untested`: 0/n vs 0/n or n/n vs "
+                  "n/n, which no test can reject.", "",
+                  analysis.to_markdown(rt[["factor", "background", "regime", "rungs", "outcome",
+                                           "counts", "effect", "low", "high", "p", "untested",
+                                           "backgrounds"]]), ""]
     return lines
 
 
@@ -472,13 +537,15 @@ def verdict_lines(rep: Report) -> list[str]:
                 + (top or "n/a")]
     out = []
     for r in rep.verdicts.itertuples():
-        out.append(f"  {r.fix:<15} {r.verdict:<12} {r.evidence.split(': ', 1)[1]}")
+        head = r.reason.split(". ")[0].split(": ", 1)[-1]
+        out.append(f"  {r.fix:<15} {r.verdict:<12} {head[:240]}")
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
     if not rep.stability_effects.empty:
         lay = stability.layout(rep.runs, rep.factors, rep.stress)
-        out.append(f"stability: each fix's effect on log10 max stable {lay.axis} (95% CI over "
-                   f"seeds; see report for LR sensitivity and failure rates):")
+        out.append(f"stability: each fix's shift of log10 LR50 ({lay.axis} at which half the runs "
+                   f"fail; 95% profile-likelihood CI), per background; the report has the "
+                   f"unstable rate and LR sensitivity:")
         out += stability.summary_lines(rep.stability_effects, lay)
     return out
 

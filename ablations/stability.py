@@ -46,6 +46,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ablations import backgrounds as bg
+from ablations import edges
+
 STABLE_STATUSES = ("converged", "recovered")
 LN2 = math.log(2.0)
 
@@ -122,37 +125,106 @@ def annotate(runs: pd.DataFrame, lay: StressLayout) -> pd.DataFrame:
     return df
 
 
-def per_seed(runs: pd.DataFrame, lay: StressLayout) -> pd.DataFrame:
-    """One row per recipe x regime x seed: max stable rung (log10 for lr), LR sensitivity and the
-    failure rate over the ladder, with the design factors' values for pairing."""
+def init_losses(df: pd.DataFrame) -> pd.Series:
+    """l0 per run: the validation loss of the initial model (init_val_loss), before any update;
+    for runs logged before that was measured, step 1's training loss (init_loss); else ln 2."""
+    l0 = pd.Series(np.nan, index=df.index)
+    for col in ("init_val_loss", "init_loss"):
+        if col in df:
+            v = pd.to_numeric(df[col], errors="coerce")
+            l0 = l0.where(np.isfinite(l0), v.where(np.isfinite(v)))
+    return l0.fillna(LN2)
+
+
+def capped_loss(df: pd.DataFrame) -> pd.Series:
+    """min(final val loss, l0), non-finite losses counted as l0: what LR sensitivity averages."""
+    l0 = init_losses(df)
+    loss = pd.to_numeric(df["final_val_loss"], errors="coerce")
+    return np.minimum(loss.where(np.isfinite(loss), l0), l0)
+
+
+def grid(runs: pd.DataFrame, lay: StressLayout,
+         crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Every run the study should hold: recipe x regime x rung x seed (the full cross of what is
+    there), with `present`, `crashed` (an attempt failed past its retries) and, where present,
+    `stable` and the capped loss. A run that is not present is never counted as stable."""
+    df = annotate(runs, lay).assign(capped=lambda d: capped_loss(d), l0=lambda d: init_losses(d))
+    keys = ["recipe", "regime", lay.axis, "seed"]
+    pairs = df[["recipe", "regime"]].drop_duplicates()
+    rungs = sorted(df[lay.axis].dropna().unique())
+    seeds = sorted(df["seed"].unique())
+    full = pairs.merge(pd.DataFrame({lay.axis: rungs}), how="cross").merge(
+        pd.DataFrame({"seed": seeds}), how="cross")
+    cols = keys + ["stable", "capped", "l0", "status", "final_val_loss"]
+    out = full.merge(df[cols].drop_duplicates(keys), on=keys, how="left", indicator=True)
+    out["present"] = out.pop("_merge") == "both"
+    out["crashed"] = False
+    if crashed is not None and len(crashed):
+        c = annotate(crashed.assign(status="crashed"), lay)[keys].drop_duplicates()
+        hit = out.merge(c.assign(_c=True), on=keys, how="left")["_c"].fillna(False).to_numpy(bool)
+        out["crashed"] = hit & ~out["present"].to_numpy()
+    return out
+
+
+def best_rung(g: pd.DataFrame, axis: str) -> float:
+    """The rung a recipe trains best at: lowest median capped loss among the rungs where at least
+    half the seeds present are stable (NaN where there is none: stable nowhere)."""
+    p = g[g.present]
+    by = p.groupby(axis).agg(ok=("stable", "mean"), loss=("capped", "median"))
+    by = by[by.ok >= 0.5]
+    if by.empty:
+        return math.nan
+    return float(by["loss"].idxmin())
+
+
+def seed_edges(g: pd.DataFrame, axis: str, start: float) -> list[edges.Interval]:
+    """Per seed of one recipe x regime: the interval its upper edge lies in (axis units: log10
+    for a multiplicative ladder), read from `start` up; missing runs say nothing."""
+    out = []
+    for _, s in g.groupby("seed", sort=True):
+        xs = [_log(v, axis) for v in s[axis]]
+        st = [bool(v) if p else None for v, p in zip(s["stable"], s["present"])]
+        if math.isnan(start):  # stable at no rung: the edge lies below the ladder
+            out.append(edges.Interval(-math.inf, min(xs)))
+        else:
+            out.append(edges.seed_interval(xs, st, _log(start, axis)))
+    return out
+
+
+def per_seed(runs: pd.DataFrame, lay: StressLayout,
+             crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per recipe x regime x seed: max stable rung (descriptive), the edge interval,
+    LR sensitivity over the rungs present and the failure rate, with the design factors."""
     if not lay.has_axis:
         return pd.DataFrame()
-    df = annotate(runs, lay)
-    ladder = sorted(df[lay.axis].dropna().unique())
-    below = _below(ladder, lay.axis)
+    gr = grid(runs, lay, crashed)
+    ann = annotate(runs, lay)
+    first = ann.drop_duplicates(["recipe", "regime"]).set_index(["recipe", "regime"])
     rows = []
-    for (recipe, regime, seed), g in df.groupby(["recipe", "regime", "seed"], sort=False):
-        g = g.sort_values(lay.axis)
-        ms = max_stable(g[lay.axis].tolist(), g["stable"].tolist())
-        init = g["init_loss"].dropna() if "init_loss" in g else pd.Series(dtype=float)
-        init = init[np.isfinite(init)]
-        l0 = float(init.median()) if len(init) else LN2
-        row = {"recipe": recipe, "regime": regime, "seed": seed,
-               "max_stable": ms, "max_stable_log10": _log(ms if math.isfinite(ms) else below,
-                                                          lay.axis),
-               "lr_sensitivity": lr_sensitivity(g["final_val_loss"].tolist(), l0),
-               "best_loss": float(np.nanmin(np.where(np.isfinite(g["final_val_loss"]),
-                                                     g["final_val_loss"], np.nan)))
-               if np.isfinite(g["final_val_loss"]).any() else math.nan,
-               "init_loss": l0, "fail_rate": float(1.0 - g["stable"].mean()), "rungs": len(g)}
-        for f in lay.design + lay.regime:
-            row[f] = g[f].iloc[0]
-        rows.append(row)
+    for (recipe, regime), g in gr.groupby(["recipe", "regime"], sort=False):
+        best = best_rung(g, lay.axis)
+        ivs = seed_edges(g, lay.axis, best)
+        for (seed, s), iv in zip(g.groupby("seed", sort=True), ivs):
+            s = s.sort_values(lay.axis)
+            p = s[s.present]
+            ms = max_stable(s[lay.axis].tolist(), [bool(v) and q for v, q in
+                                                   zip(s["stable"].fillna(False), s["present"])])
+            l0 = float(p["l0"].median()) if len(p) else LN2
+            row = {"recipe": recipe, "regime": regime, "seed": seed, "max_stable": ms,
+                   "best_rung": best, "edge_low": iv.low, "edge_high": iv.high,
+                   "lr_sensitivity": lr_sensitivity(p["final_val_loss"].tolist(), l0),
+                   "best_loss": float(p["capped"].min()) if len(p) else math.nan,
+                   "init_loss": l0,
+                   "fail_rate": float(1.0 - p["stable"].astype(bool).mean()) if len(p) else math.nan,
+                   "rungs": len(p), "expected": len(s), "crashed": int(s["crashed"].sum())}
+            for f in lay.design + lay.regime:
+                row[f] = first.loc[(recipe, regime), f] if f in first else None
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _below(ladder: list, axis: str) -> float:
-    """One rung below the ladder (the value a seed stable nowhere is counted at)."""
+    """One rung below the ladder."""
     if len(ladder) < 2:
         return ladder[0] / 10 if ladder and ladder[0] > 0 else math.nan
     if ladder[0] > 0:
@@ -165,28 +237,67 @@ def _log(v: float, axis: str) -> float:
     return math.log10(v) if v > 0 else v
 
 
-def recipe_table(runs: pd.DataFrame, lay: StressLayout) -> pd.DataFrame:
-    """Per recipe x regime: max stable rung over all seeds, LR sensitivity mean and t CI over
-    seeds, best loss, failed / clean runs."""
-    ps = per_seed(runs, lay)
+def _is_log(runs: pd.DataFrame, lay: StressLayout) -> bool:
+    return bool((runs[lay.axis].dropna() > 0).all())
+
+
+def ladder_of(runs: pd.DataFrame, lay: StressLayout) -> list[float]:
+    return [_log(v, lay.axis) for v in sorted(runs[lay.axis].dropna().unique())]
+
+
+def count_text(present: int, expected: int, crashed: int) -> str:
+    """'15 of 15 runs', or '14 of 15 runs (1 crashed)'."""
+    extra = []
+    if crashed:
+        extra.append(f"{crashed} crashed")
+    if expected - present - crashed:
+        extra.append(f"{expected - present - crashed} missing")
+    return f"{present} of {expected}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def recipe_table(runs: pd.DataFrame, lay: StressLayout,
+                 crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Per recipe x regime: runs (k of n), the rung it trains best at, max stable rung
+    (descriptive: the largest rung at which every seed is stable), LR50 with its interval
+    (the estimated edge), failures below the best rung (too slow, not unstable), LR sensitivity
+    with its t interval over seeds, failed and clean runs."""
+    ps = per_seed(runs, lay, crashed)
     if ps.empty:
         return ps
-    df = annotate(runs, lay)
+    gr = grid(runs, lay, crashed)
+    ladder = ladder_of(runs, lay)
+    log = _is_log(runs, lay)
     rows = []
     for (recipe, regime), g in ps.groupby(["recipe", "regime"], sort=False):
-        runs_rr = df[(df.recipe == recipe) & (df.regime == regime)]
-        by_rung = runs_rr.groupby(lay.axis)["stable"].all()
+        runs_rr = gr[(gr.recipe == recipe) & (gr.regime == regime)]
+        pres = runs_rr[runs_rr.present]
+        by_rung = runs_rr.groupby(lay.axis).apply(
+            lambda r: bool((r.present & r.stable.fillna(False).astype(bool)).all()),
+            include_groups=False)
         ms = max_stable(by_rung.index.tolist(), by_rung.tolist())
+        incomplete = bool((~runs_rr.present).any())
+        ivs = [edges.Interval(a, b) for a, b in zip(g.edge_low, g.edge_high)]
+        est = edges.lr50(ivs, ladder)
+        best = float(g["best_rung"].iloc[0])
+        slow = pres[pres[lay.axis] < best] if math.isfinite(best) else pres.iloc[:0]
         lrs = g["lr_sensitivity"].to_numpy(float)
-        lo, hi = t_interval(lrs[np.isfinite(lrs)])
+        m = bg.paired_t(lrs)
+        lr50_text = (edges.fmt_location(est, lay.axis, log) if math.isfinite(best)
+                     else f"stable at no rung (< {_fmt(min(runs_rr[lay.axis]))})")
         rows.append({"recipe": recipe, "regime": regime,
+                     "runs": count_text(len(pres), len(runs_rr), int(runs_rr.crashed.sum())),
+                     f"best_{lay.axis}": best,
                      f"max_stable_{lay.axis}": ms,
-                     "lr_sensitivity": float(np.nanmean(lrs)) if np.isfinite(lrs).any() else math.nan,
-                     "lrs_low": lo, "lrs_high": hi,
-                     "best_loss": float(g["best_loss"].min()),
-                     "failed": f"{int((~runs_rr['stable']).sum())}/{len(runs_rr)}",
-                     "clean": f"{int(runs_rr['clean'].sum())}/{len(runs_rr)}",
-                     "seeds": len(g)})
+                     "LR50 [95% CI]" if lay.axis == "lr" else "edge50 [95% CI]":
+                         lr50_text + (" (incomplete)" if incomplete else ""),
+                     "lr50_log10": est.value, "lr50_low": est.low, "lr50_high": est.high,
+                     "failed_below_best": (f"{int((~slow.stable.astype(bool)).sum())}/{len(slow)}"
+                                           if len(slow) else "-"),
+                     "lr_sensitivity": m.effect, "lrs_low": m.low, "lrs_high": m.high,
+                     "lrs_note": m.note,
+                     "failed": f"{int((~pres.stable.astype(bool)).sum())}/{len(pres)}",
+                     "clean": f"{int(annotate(runs, lay).query('recipe == @recipe and regime == @regime')['clean'].sum())}/{len(pres)}",
+                     "seeds": len(g), "incomplete": incomplete})
     return pd.DataFrame(rows)
 
 
@@ -221,63 +332,118 @@ def first_nonfinite(runs: pd.DataFrame, lay: StressLayout) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------ effects
 OUTCOMES = {
-    # name: (per-seed column, better, description)
-    "max_stable_log10": ("max_stable_log10", "higher", "log10 max stable {axis} (per seed)"),
-    "lr_sensitivity": ("lr_sensitivity", "lower", "LR sensitivity (Wortsman et al. 2023)"),
-    "fail_rate": ("fail_rate", "lower", "share of the ladder's runs that diverged or collapsed"),
+    # name: (better, description)
+    "edge_shift": ("higher", "shift of log10 LR50 (+1 = a ten times larger lr before half the "
+                   "runs fail), profile likelihood"),
+    "unstable_rate": ("lower", "share of runs that diverged or collapsed at and above the best "
+                      "rung of both recipes, paired by seed and rung (Newcombe)"),
+    "lr_sensitivity": ("lower", "LR sensitivity (Wortsman et al. 2023) over the rungs both "
+                       "recipes ran, paired by seed (t)"),
 }
+VERDICT_OUTCOMES = ("edge_shift", "unstable_rate")
 
 
 def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """t interval of the mean of d; a point where all values agree; NaN for fewer than 2 (one
-    pair says nothing about the spread)."""
-    d = np.asarray(d, dtype=float)
-    if len(d) < 2:
-        return math.nan, math.nan
-    m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    if se == 0:
-        return m, m
-    h = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
-    return m - h, m + h
+    """t interval of the mean of d; NaN for fewer than 2 values and where all values agree (the
+    data then give no spread to build an interval on: see backgrounds.paired_t)."""
+    m = bg.paired_t(d, level)
+    return m.low, m.high
 
 
-def fix_effects(runs: pd.DataFrame, lay: StressLayout) -> pd.DataFrame:
-    """Per fix x regime x outcome: the effect of turning the fix on, its 95 % t CI over seeds,
-    the number of pairs and the mean of each arm. One-at-a-time studies give two contrasts per
-    fix (added to the broken recipe; dropped from the fixed one); factorial studies one, paired
-    by the other fixes and seed."""
-    ps = per_seed(runs, lay)
+def fix_effects(runs: pd.DataFrame, lay: StressLayout,
+                crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Per fix x background x regime: the effect of switching the fix on, on the edge (LR50
+    shift), on the unstable rate and on LR sensitivity. Backgrounds: 'added to broken' and
+    'dropped from fixed' in one-at-a-time studies; the other fixes' states in factorial ones."""
+    ps = per_seed(runs, lay, crashed)
     if ps.empty:
         return pd.DataFrame()
-    spacing = ladder_spacing(runs, lay)
+    gr = grid(runs, lay, crashed)
+    ann = annotate(runs, lay)
+    ladder = ladder_of(runs, lay)
     rows = []
-    has_roles = "roles" in runs and runs["roles"].fillna("").str.len().gt(0).any()
-    for regime, g in ps.groupby("regime", sort=False):
-        if has_roles:
-            pairs = _role_pairs(g)
-        else:
-            pairs = _factor_pairs(g, lay)
-        for fix, contrast, a, b in pairs:
-            for out, (col, better, _) in OUTCOMES.items():
-                j = pd.concat([a[col].rename("off"), b[col].rename("on")], axis=1,
-                              join="inner").dropna()
-                d = (j["on"] - j["off"]).to_numpy(float)
-                effect = float(d.mean()) if len(d) else math.nan
-                if out == "fail_rate":  # counts over the ladder's runs of the paired seeds
-                    fails = [int(round((x["fail_rate"] * x["rungs"]).loc[j.index].sum()))
-                             for x in (a, b)]
-                    runs_n = [int(x["rungs"].loc[j.index].sum()) for x in (a, b)]
-                    lo, hi = rate_diff_interval(fails[1], runs_n[1], fails[0], runs_n[0])
-                else:
-                    lo, hi = t_interval(d)
-                    if out == "max_stable_log10":
-                        lo, hi = lo - spacing, hi + spacing
-                rows.append({"fix": fix, "contrast": contrast, "regime": regime, "outcome": out,
-                             "effect": effect, "low": lo, "high": hi, "n": len(d),
-                             "better": better,
-                             "mean_off": float(j["off"].mean()) if len(j) else math.nan,
-                             "mean_on": float(j["on"].mean()) if len(j) else math.nan})
-    return pd.DataFrame(rows)
+    for c in bg.contrasts(ann, lay.design):
+        r_off, r_on = _recipe(c.off), _recipe(c.on)
+        for regime in dict.fromkeys(ps.loc[ps.recipe == r_off, "regime"]):
+            a = ps[(ps.recipe == r_off) & (ps.regime == regime)].set_index("seed")
+            b = ps[(ps.recipe == r_on) & (ps.regime == regime)].set_index("seed")
+            if a.empty or b.empty:
+                continue
+            base = {"fix": c.fix, "background": c.background, "regime": regime}
+            rows.append({**base, **_edge_row(a, b, ladder)})
+            ga = gr[(gr.recipe == r_off) & (gr.regime == regime)]
+            gb = gr[(gr.recipe == r_on) & (gr.regime == regime)]
+            rows.append({**base, **_unstable_row(ga, gb, a, b, lay.axis)})
+            rows.append({**base, **_lrs_row(ga, gb, lay.axis)})
+    out = pd.DataFrame(rows)
+    return bg.agreement(out) if not out.empty else out
+
+
+def _recipe(runs: pd.DataFrame) -> str:
+    return str(runs["recipe"].iloc[0])
+
+
+def _edge_row(a: pd.DataFrame, b: pd.DataFrame, ladder: list[float]) -> dict:
+    ia = [edges.Interval(lo, hi) for lo, hi in zip(a.edge_low, a.edge_high)]
+    ib = [edges.Interval(lo, hi) for lo, hi in zip(b.edge_low, b.edge_high)]
+    est = edges.shift(ia, ib, ladder)
+    # Nothing to test when no seed of either recipe failed at or above its best rung (both
+    # edges past the top), or every seed failed from the start (both below the ladder).
+    above = all(math.isinf(i.high) for i in ia + ib)
+    below = all(math.isinf(i.low) for i in ia + ib)
+    untested = above or below or not est.measured
+    note = est.note or ("no seed of either recipe failed above its best rung" if above else
+                        "every seed of both failed from its first rung" if below else "")
+    return {"outcome": "edge_shift", "effect": est.value, "low": est.low, "high": est.high,
+            "p": est.p, "n": est.n, "shown": edges.fmt_shift(est), "note": note,
+            "better": "higher", "untested": untested, "counts": ""}
+
+
+def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame,
+                  axis: str) -> dict:
+    starts = [v for v in (a.best_rung.iloc[0], b.best_rung.iloc[0]) if math.isfinite(v)]
+    start = max(starts) if starts else -math.inf
+    keys = [axis, "seed"]
+    j = pd.concat([ga[ga.present & (ga[axis] >= start)].set_index(keys)["stable"].rename("off"),
+                   gb[gb.present & (gb[axis] >= start)].set_index(keys)["stable"].rename("on")],
+                  axis=1, join="inner").dropna()
+    from ablations import rates
+
+    rd = rates.rate_diff_paired(~j["on"].astype(bool).to_numpy(), ~j["off"].astype(bool).to_numpy())
+    untested = rd.untested or (rd.events_on == rd.n_on and rd.events_off == rd.n_off)
+    shown = (f"{rd.diff:+.2f} [{rd.low:+.2f}, {rd.high:+.2f}]" if math.isfinite(rd.diff)
+             else "n/a")
+    return {"outcome": "unstable_rate", "effect": rd.diff, "low": rd.low, "high": rd.high,
+            "p": rd.p, "n": len(j), "shown": shown,
+            "note": f"{axis} >= {start:g}" if math.isfinite(start) else f"every {axis}",
+            "better": "lower", "untested": untested, "counts": rd.counts()}
+
+
+def _lrs_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str) -> dict:
+    """LR sensitivity of both recipes over the rungs both ran, per seed; t over seeds."""
+    d = []
+    for seed, sa in ga[ga.present].groupby("seed"):
+        sb = gb[gb.present & (gb.seed == seed)]
+        common = sorted(set(sa[axis]) & set(sb[axis]))
+        if not common:
+            continue
+        xa = sa[sa[axis].isin(common)].sort_values(axis)
+        xb = sb[sb[axis].isin(common)].sort_values(axis)
+        d.append(lr_sensitivity(xb["final_val_loss"].tolist(), float(xb["l0"].median()))
+                 - lr_sensitivity(xa["final_val_loss"].tolist(), float(xa["l0"].median())))
+    m = bg.paired_t(np.asarray(d, float))
+    if d and m.n == 0:
+        m = bg.Mean(math.nan, math.nan, math.nan, math.nan, 0,
+                    "undefined: a recipe never improved on its initial loss")
+    if math.isfinite(m.low):
+        shown = f"{m.effect:+.3f} [{m.low:+.3f}, {m.high:+.3f}]"
+    elif math.isfinite(m.effect):
+        shown = f"{m.effect:+.3f} ({m.note}: resolution one rung)"
+    else:
+        shown = m.note or "n/a"
+    return {"outcome": "lr_sensitivity", "effect": m.effect, "low": m.low, "high": m.high,
+            "p": m.p, "n": m.n, "shown": shown, "note": m.note, "better": "lower",
+            "untested": not math.isfinite(m.p), "counts": ""}
 
 
 def rate_diff_interval(k_on: int, n_on: int, k_off: int, n_off: int) -> tuple[float, float]:
@@ -292,7 +458,7 @@ def rate_diff_interval(k_on: int, n_on: int, k_off: int, n_off: int) -> tuple[fl
 
 
 def ladder_spacing(runs: pd.DataFrame, lay: StressLayout) -> float:
-    """The widest step of the ladder, in the units max stable is compared in (log10 for lr)."""
+    """The widest step of the ladder, in the units edges are compared in (log10 for lr)."""
     ladder = sorted(runs[lay.axis].dropna().unique())
     if len(ladder) < 2:
         return math.nan
@@ -300,53 +466,26 @@ def ladder_spacing(runs: pd.DataFrame, lay: StressLayout) -> float:
     return float(np.max(np.diff(vals)))
 
 
-def _role_pairs(g: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, pd.DataFrame]]:
-    by_role: dict[str, pd.DataFrame] = {}
-    for _, r in g.iterrows():
-        for role in str(r["recipe"]).split("/"):
-            by_role.setdefault(role, []).append(r)
-    by_role = {k: pd.DataFrame(v).set_index("seed") for k, v in by_role.items()}
-    out = []
-    for role in sorted(by_role):
-        kind, _, name = role.partition(":")
-        if kind == "add" and "broken" in by_role:
-            out.append((name, "added to broken", by_role["broken"], by_role[role]))
-        elif kind == "drop" and "fixed" in by_role:
-            out.append((name, "dropped from fixed", by_role[role], by_role["fixed"]))
-    return out
-
-
-def _factor_pairs(g: pd.DataFrame, lay: StressLayout) -> list:
-    out = []
-    for f in lay.design:
-        levels = sorted(g[f].dropna().unique())
-        if len(levels) != 2:
-            continue
-        others = [o for o in lay.design if o != f] + ["seed"]
-        a = g[g[f] == levels[0]].groupby(others).mean(numeric_only=True)
-        b = g[g[f] == levels[1]].groupby(others).mean(numeric_only=True)
-        contrast = "on vs off" if isinstance(levels[1], (bool, np.bool_)) else f"{levels[1]} vs {levels[0]}"
-        out.append((f, contrast, a, b))
-    return out
-
-
 def hurts(effects: pd.DataFrame) -> pd.DataFrame:
-    """The rows where turning a fix on makes stability worse with a CI excluding zero."""
+    """The rows where switching a fix on makes stability worse, with an interval that excludes
+    zero (rows without an interval, e.g. every seed agreeing, are never 'certain')."""
     if effects.empty:
         return effects
-    worse_high = (effects.better == "lower") & (effects.low > 0)
-    worse_low = (effects.better == "higher") & (effects.high < 0)
+    lo, hi = effects["low"].astype(float), effects["high"].astype(float)
+    worse_high = (effects.better == "lower") & (lo > 0)
+    worse_low = (effects.better == "higher") & (hi < 0)
     return effects[worse_high | worse_low]
 
 
 def summary_lines(effects: pd.DataFrame, lay: StressLayout) -> list[str]:
-    """One line per fix x regime (its contrasts side by side) on max stable lr, for the terminal."""
+    """One line per fix x regime on the edge: both backgrounds side by side, for the terminal."""
     out = []
     if effects.empty:
         return out
-    sub = effects[effects.outcome == "max_stable_log10"]
+    sub = effects[effects.outcome == "edge_shift"]
     for (fix, regime), g in sub.groupby(["fix", "regime"], sort=False):
-        parts = [f"{r.contrast} {r.effect:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
-                 for r in g.itertuples()]
-        out.append(f"  {fix:<15} {regime:<20} " + "; ".join(parts))
+        parts = [f"{r.background} {r.shown}" for r in g.itertuples()]
+        flag = g["backgrounds"].iloc[0] if "backgrounds" in g else "-"
+        out.append(f"  {fix:<15} {regime:<20} " + "; ".join(parts)
+                   + (f"  [backgrounds {flag}]" if flag in ("opposite", "differ") else ""))
     return out

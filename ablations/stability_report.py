@@ -37,10 +37,7 @@ def fig_loss_vs_lr(runs: pd.DataFrame, lay: StressLayout, out: Path) -> Optional
     if not lay.has_axis:
         return None
     df = stability.annotate(runs, lay)
-    l0 = df.groupby(["recipe", "regime", "seed"])["init_loss"].transform(
-        lambda s: s[np.isfinite(s)].median() if np.isfinite(s).any() else math.log(2))
-    loss = df["final_val_loss"].where(np.isfinite(df["final_val_loss"]), l0)
-    df = df.assign(capped=np.minimum(loss, l0))
+    df = df.assign(capped=stability.capped_loss(df))
     regimes = list(dict.fromkeys(df["regime"]))
     recipes = _recipes(df)
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.2 * len(regimes) + 2.8, 4.6),
@@ -123,8 +120,10 @@ def fig_stability_map(runs: pd.DataFrame, lay: StressLayout, out: Path) -> Optio
 
 
 def section(runs: pd.DataFrame, factors: list[str], stress: list[str], out: Path,
-            to_markdown) -> tuple[list[str], dict[str, Path], pd.DataFrame]:
-    """Markdown lines, figures and the fix-effects table of the stability section."""
+            to_markdown, effects: Optional[pd.DataFrame] = None,
+            crashed: Optional[pd.DataFrame] = None) -> tuple[list[str], dict[str, Path]]:
+    """Markdown lines and figures of the stability section (`effects`: stability.fix_effects,
+    computed here when not given)."""
     lay = stability.layout(runs, factors, stress)
     figs = {"loss_vs_lr": fig_loss_vs_lr(runs, lay, out),
             "stability_map": fig_stability_map(runs, lay, out)}
@@ -133,35 +132,59 @@ def section(runs: pd.DataFrame, factors: list[str], stress: list[str], out: Path
     lines = ["## Stability under stress", "",
              f"Stress factors: {', '.join(stress)}; axis: {axis}; regimes: "
              f"{', '.join(lay.regime) or '-'}. A run is stable when its final model is finite "
-             "and not collapsed; `clean` counts runs with no non-finite event at all. LR "
-             "sensitivity is Wortsman et al. 2023 (arXiv 2309.14322, sec. 2.2): the mean over the "
-             "ladder of min(final loss, l0) - l*, non-finite losses counted as l0 (the loss at "
-             "initialisation: step 1's loss, before any update), l* the best capped loss of the "
-             "sweep; undefined (nan) where no rung improves on l0. Lower is less sensitive.", ""]
-    table = stability.recipe_table(runs, lay)
+             "and not collapsed; `clean` counts runs with no non-finite event at all; a run that "
+             "is missing or crashed is never counted as stable (`runs`: k of n). LR sensitivity "
+             "is Wortsman et al. 2023 (arXiv 2309.14322, sec. 2.2): the mean over the ladder of "
+             "min(final val loss, l0) - l*, non-finite losses counted as l0, the validation loss "
+             "of the initial model (before any update), l* the best capped loss of the sweep; "
+             "undefined (nan) where no rung improves on l0. Lower is less sensitive.", ""]
+    if lay.has_axis:
+        lines += [f"**The edge as an estimate.** Each seed's upper edge lies between its last "
+                  f"stable rung and its first failed one, read from the recipe's best rung up "
+                  f"(`best_{axis}`: the lowest median final loss among rungs where most seeds are "
+                  f"stable; failures below it are too slow, not unstable: `failed_below_best`). "
+                  f"The seeds' edges are modelled as normal in log10 {axis} (a probit "
+                  f"dose-response, with each seed's runs counted as one interval-censored "
+                  f"tolerance, not as independent runs); LR50, the {axis} at which half the runs "
+                  f"fail, has a profile-likelihood 95 % interval calibrated for few seeds "
+                  f"(ablations/edges.py). Separation (every seed failing between the same two "
+                  f"rungs) is handled by the profile likelihood itself: the interval then spans "
+                  f"the rungs. An edge past the ladder is printed as a bound ('> 10'), never as a "
+                  f"number. `max_stable_{axis}` is the descriptive rung table: the largest rung "
+                  f"at which every seed is stable.", ""]
+    table = stability.recipe_table(runs, lay, crashed)
     if not table.empty:
         t = table.copy()
         col = f"max_stable_{lay.axis}"
         t[col] = t[col].map(lambda v: "none" if math.isnan(v) else f"{v:g}")
-        lines += [f"### Max stable {axis} and LR sensitivity per recipe", "",
-                  "max stable = the largest rung at which every seed is stable; LR sensitivity "
-                  "with a 95 % t CI over seeds.", "", to_markdown(t), ""]
-    effects = stability.fix_effects(runs, lay)
+        t[f"best_{lay.axis}"] = t[f"best_{lay.axis}"].map(
+            lambda v: "none" if math.isnan(v) else f"{v:g}")
+        t["LR sensitivity [95% CI]"] = [
+            (f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else
+             f"{m:.3f} ({note})" if math.isfinite(m) else note or "nan")
+            for m, lo, hi, note in zip(t.lr_sensitivity, t.lrs_low, t.lrs_high, t.lrs_note)]
+        keep = [c for c in t.columns if c not in ("lr50_log10", "lr50_low", "lr50_high",
+                                                   "lr_sensitivity", "lrs_low", "lrs_high",
+                                                   "lrs_note", "incomplete")]
+        lines += [f"### The edge ({axis}) and LR sensitivity per recipe", "", to_markdown(t[keep]),
+                  ""]
+    if effects is None:
+        effects = stability.fix_effects(runs, lay, crashed)
     if not effects.empty:
-        spacing = _spacing(runs, lay)
-        e = effects[["fix", "contrast", "regime", "outcome", "effect", "low", "high", "n",
-                     "mean_off", "mean_on"]]
-        lines += ["### Each fix's effect on stability", "",
-                  f"Per regime, paired by seed. `max_stable_log10`: +1 = a ten times larger "
-                  f"stable {axis}; 95 % t CI over the pairs widened by the ladder's spacing "
-                  f"({spacing}) on each side, since each seed's edge is known only to a rung. "
-                  "`lr_sensitivity`: t CI. `fail_rate`: share of the ladder's runs that diverged "
-                  "or collapsed, Newcombe hybrid score interval of the difference.", "",
-                  to_markdown(e), ""]
+        e = effects[["fix", "background", "regime", "outcome", "shown", "p", "n", "counts",
+                     "note", "backgrounds"]].rename(columns={"shown": "effect [95% CI]"})
+        lines += ["### Each fix's effect on stability, per background and regime", "",
+                  f"`edge_shift`: log10 LR50 with the fix on minus off (+1 = a ten times larger "
+                  f"{axis} before half the runs fail); `> x` / `< x`: one edge lies past the "
+                  f"ladder, so only a bound is known. `unstable_rate`: share of runs that "
+                  f"diverged or collapsed at and above the best rung of both recipes (`note`), "
+                  f"paired by seed and rung (Newcombe). `lr_sensitivity`: over the rungs both "
+                  f"recipes ran, paired by seed (t). `backgrounds`: do *added to broken* and "
+                  f"*dropped from fixed* agree.", "", to_markdown(e), ""]
         hurt = stability.hurts(effects)
         lines += ["### Fixes that hurt stability somewhere", ""]
-        lines += ([f"- {r.fix} ({r.contrast}, {r.regime}): {r.outcome} {r.effect:+.3f} "
-                   f"[95% CI {r.low:+.3f}, {r.high:+.3f}], n={r.n}" for r in hurt.itertuples()]
+        lines += ([f"- {r.fix} ({r.background}, {r.regime}): {r.outcome} {r.shown}, n={r.n}"
+                   for r in hurt.itertuples()]
                   or ["None with a CI excluding zero."]) + [""]
     rates = stability.rung_rates(runs, lay)
     if not rates.empty:
@@ -172,7 +195,7 @@ def section(runs: pd.DataFrame, factors: list[str], stress: list[str], out: Path
     if figs:
         lines += ["Figures: " + ", ".join(f"[{n.replace('_', ' ')}]({p.name})" for n, p in
                                          figs.items()) + " (drawn below).", ""]
-    return lines, figs, effects
+    return lines, figs
 
 
 def _spacing(runs: pd.DataFrame, lay: StressLayout) -> str:

@@ -141,9 +141,10 @@ def test_one_at_a_time_and_ablation_path():
             "bias_init=on no_clamp=on plain_residual=on": "fixed",
             "bias_init=off no_clamp=on plain_residual=on": "drop:bias_init"}
     runs["roles"] = runs["cell"].map(role).fillna("")
-    oat = analysis.one_at_a_time(runs).set_index("kind")
-    assert oat.loc["add-one-in", "factor"] == "bias_init"
-    assert oat.loc["add-one-in", "effect"] == pytest.approx(MAIN["bias_init"], abs=0.06)
+    oat = analysis.one_at_a_time(runs).set_index("background")
+    assert oat.loc["added to broken", "fix"] == "bias_init"
+    assert oat.loc["added to broken", "effect"] == pytest.approx(MAIN["bias_init"], abs=0.06)
+    assert oat.loc["dropped from fixed", "n"] == 3
     path = analysis.ablation_path(runs, FACTORS)
     assert list(path["flipped"])[1] == "bias_init"  # the largest gain first
     assert len(path) == 4

@@ -83,22 +83,28 @@ def test_per_seed_and_recipe_tables_by_hand():
     r = rates[(rates.recipe == "clip=off") & (rates.regime == "precision=fp32") & (rates.lr == 1e-1)]
     assert r.diverged.item() == 2 and r.runs.item() == 3
 
+    assert table.loc[("clip=on", "precision=fp16"), "runs"] == "12 of 12"
+    assert table.loc[("clip=on", "precision=fp16"), "LR50 [95% CI]"] == "stable at no rung (< 0.001)"
+    # fp32 off: seeds' edges in (0.01, 0.1], (0.01, 0.1], (0.1, 1]: LR50 inside the ladder
+    lr50 = table.loc[("clip=off", "precision=fp32")]
+    assert 1e-2 < 10 ** lr50["lr50_log10"] < 1e-1 and math.isfinite(lr50["lr50_high"])
+
     eff = stability.fix_effects(runs, lay)
-    ms = eff[(eff.outcome == "max_stable_log10")].set_index("regime")
-    # fp32: per seed log10 edges off (-2, -2, -1) -> on (-1, 0, -1): differences 1, 2, 0
-    assert ms.loc["precision=fp32", "effect"] == pytest.approx(1.0)
-    assert ms.loc["precision=fp32", "n"] == 3
-    assert ms.loc["precision=fp32", "low"] < 0 < ms.loc["precision=fp32", "high"]
-    # fp32 CI: mean 1, t(2) interval of (1, 2, 0) widened by one rung (1 in log10)
-    assert ms.loc["precision=fp32", "high"] == pytest.approx(1 + 4.303 * 1 / 3 ** 0.5 + 1, abs=1e-3)
-    # fp16: on is stable nowhere -> counted one rung below the ladder (1e-4): -1 -> -4 each;
-    # the seeds agree, yet the interval keeps one rung either side
-    assert ms.loc["precision=fp16", "effect"] == pytest.approx(-3.0)
-    assert (ms.loc["precision=fp16", "low"], ms.loc["precision=fp16", "high"]) == (-4.0, -2.0)
-    # failure rate 12/12 on vs 3/12 off: Newcombe's interval excludes 0; in fp32 it does not
+    es = eff[(eff.outcome == "edge_shift")].set_index("regime")
+    assert set(eff.background) == {"-"}  # a factorial table: one background, no other fix
+    # fp32: off (0.01, 0.1] x2, (0.1, 1]; on (0.1, 1] x2 and one seed stable at every rung:
+    # about a decade, and 3 seeds a side cannot exclude 0
+    e32 = es.loc["precision=fp32"]
+    assert e32["effect"] == pytest.approx(1.0, abs=0.05)
+    assert e32["low"] < 0 < e32["high"] < 3 and e32["shown"].startswith("+1.0 [")
+    # fp16 on: stable at no rung: its edge lies below the ladder, the shift is bounded above
+    e16 = es.loc["precision=fp16"]
+    assert e16["low"] == -math.inf and e16["high"] < -1 and e16["shown"].startswith("< ")
+    # unstable rate 12/12 on vs 3/12 off: Newcombe's interval excludes 0; in fp32 it does not
     hurt = stability.hurts(eff)
     assert set(hurt.regime) == {"precision=fp16"}
-    fr = eff[(eff.outcome == "fail_rate")].set_index("regime")
+    assert set(hurt.outcome) == {"edge_shift", "unstable_rate"}
+    fr = eff[(eff.outcome == "unstable_rate")].set_index("regime")
     assert fr.loc["precision=fp16", "effect"] == pytest.approx(0.75)
     assert fr.loc["precision=fp16", "low"] > 0
 
@@ -114,9 +120,9 @@ def test_rate_interval_is_honest_at_zero_of_n():
 
 def test_one_at_a_time_roles_give_add_and_drop_contrasts():
     rows = []
-    for role, edge in {"broken": 1e-3, "add:bias_init": 1e-2, "fixed": 1.0,
-                       "drop:bias_init": 1e-1}.items():
-        for seed in range(2):
+    for role, edge in {"broken": 1e-3, "add:bias_init": 1e-2, "fixed": 1e-1,
+                       "drop:bias_init": 1e-2}.items():
+        for seed in range(3):
             for lr in (1e-3, 1e-2, 1e-1, 1.0):
                 ok = lr <= edge
                 rows.append({"cell": f"x lr={lr:g}", "seed": seed, "lr": lr, "roles": role,
@@ -127,9 +133,13 @@ def test_one_at_a_time_roles_give_add_and_drop_contrasts():
     runs = pd.DataFrame(rows)
     lay = layout(runs, ["bias_init", "lr"], ["lr"])
     eff = stability.fix_effects(runs, lay)
-    ms = eff[eff.outcome == "max_stable_log10"].set_index("contrast")["effect"]
-    assert ms["added to broken"] == pytest.approx(1.0)
-    assert ms["dropped from fixed"] == pytest.approx(1.0)
+    es = eff[eff.outcome == "edge_shift"].set_index("background")
+    # every seed fails between the same two rungs (separation): the shift is one decade in both
+    # backgrounds, and the interval spans about a rung either side
+    for bgd in ("added to broken", "dropped from fixed"):
+        assert es.loc[bgd, "effect"] == pytest.approx(1.0, abs=0.03)
+        assert -0.5 < es.loc[bgd, "low"] < 0.5 < 1.5 < es.loc[bgd, "high"] < 2.5
+    assert set(es["backgrounds"]) == {"agree"}
 
 
 # ------------------------------------------------------------------------ stress in specs
