@@ -454,7 +454,11 @@ def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence
 
             tests = stability_effects[stability_effects.outcome.isin(VERDICT_OUTCOMES)]
         else:
-            tests = backgrounds.rate_tests(runs, design, [s for s in stress if s in runs])
+            from ablations import stability
+
+            in_runs = [s for s in stress if s in runs]
+            axis = stability.layout(runs, factors, in_runs).axis if in_runs else None
+            tests = backgrounds.rate_tests(runs, design, in_runs, axis=axis)
         return {k: v for k, v in background_estimates(tests).items() if k in FIXES}
     from ablations import stability
 
