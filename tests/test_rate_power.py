@@ -88,17 +88,22 @@ def test_exact_power_matches_a_simulation_of_the_analysis(n, p_on, p_off, rho, e
         assert expect[0] < exact < expect[1]
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.3])
-def test_power_is_the_analysis_decisions_summed_over_every_outcome(rho):
-    """No sampling noise: rates.rate_diff_paired's decision on each of the 286 outcomes of 10
-    pairs, weighted by its multinomial probability."""
+def _power_by_hand(n: int, p_on: float, p_off: float, rho: float = 0.0) -> float:
+    """rates.rate_diff_paired's decision on every outcome of n pairs, weighted by its
+    multinomial probability: the analysis's power, with no sampling noise (slow: small n)."""
     from scipy.stats import multinomial
 
-    n, probs = 10, rate_power.pair_probs(0.6, 0.25, rho)
-    total = sum(multinomial.pmf([a, b, c, n - a - b - c], n, probs)
-                for a in range(n + 1) for b in range(n + 1 - a) for c in range(n + 1 - a - b)
-                if _analysis_rejects(a, b, c, n - a - b - c))
-    assert rate_power.paired_power(n, 0.6, 0.25, rho=rho) == pytest.approx(total, abs=1e-9)
+    probs = rate_power.pair_probs(p_on, p_off, rho)
+    return sum(multinomial.pmf([a, b, c, n - a - b - c], n, probs)
+               for a in range(n + 1) for b in range(n + 1 - a) for c in range(n + 1 - a - b)
+               if _analysis_rejects(a, b, c, n - a - b - c))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3])
+def test_power_is_the_analysis_decisions_summed_over_every_outcome(rho):
+    """All 286 outcomes of 10 pairs."""
+    assert rate_power.paired_power(10, 0.6, 0.25, rho=rho) == pytest.approx(
+        _power_by_hand(10, 0.6, 0.25, rho), abs=1e-9)
 
 
 def test_positive_correlation_adds_power():
@@ -162,6 +167,9 @@ def test_plan_counts_the_pairs_of_each_contrast_per_regime():
     assert "paired Newcombe score test" in line
     assert "6 pairs (2 seeds x 3 stress cells) per contrast per regime" in line
     assert f"0 % -> {100 * _rise_by_hand(6):.1f} %," in line
+    d = float(line.split("or +-")[1].split(" %")[0]) / 100  # around 50 %: the crossing
+    assert _power_by_hand(6, 0.5 + d / 2, 0.5 - d / 2) >= 0.8
+    assert _power_by_hand(6, 0.5 + (d - 0.001) / 2, 0.5 - (d - 0.001) / 2) < 0.8
 
 
 @pytest.mark.parametrize("design, factors, paired", [
