@@ -2,9 +2,10 @@
 
     design: cells, runs, aliases, the model's residual degrees of freedom
     wall time: seconds per step of recent runs of the same model size in the tracking store
-    power: the smallest F1 effect and rate difference detectable at 80 % power, from the
-           seed-to-seed spread of earlier runs of the same recipes (else a stated default),
-           and the seeds a target effect needs
+    power: the smallest F1 effect detectable at 80 % power, from the seed-to-seed spread of
+           earlier runs of the same recipes (else a stated default), and the seeds a target
+           effect needs; the smallest rate difference the analysis's own rate test detects at
+           80 % power (exact: ablations/rate_power.py)
 
 Reading the tracking store: an SQLite store (MLflow's default, `sqlite:///mlflow.db`) is read
 with the standard library's sqlite3, read-only. Why not MlflowClient: importing MLflow costs
