@@ -49,7 +49,7 @@ def test_indep_np_equals_newcombe_indep_at_every_outcome():
 
 # ------------------------------------------------------------------------------ power
 @pytest.mark.parametrize("n, p_on, p_off", [(96, 0.04, 0.0), (12, 0.5, 0.2), (60, 0.55, 0.35),
-                                             (30, 0.1, 0.6)])
+                                             (30, 0.1, 0.6), (300, 0.55, 0.45)])
 def test_two_d_sum_equals_the_multinomial_enumeration(n, p_on, p_off):
     """The fast path (margins x hypergeometric 'both') against summing every outcome."""
     assert rate_power.paired_power(n, p_on, p_off) == pytest.approx(
