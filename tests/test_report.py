@@ -172,6 +172,8 @@ def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "wall time: none known (no tracking store at mlflow.db)" in proc.stdout
     assert "0.03: an assumed default" in proc.stdout
+    # the rate test the analysis runs: each fix's on/off runs pair up, 8 runs -> 4 pairs
+    assert "exact power of the paired Newcombe score test the analysis runs: 4 pairs" in proc.stdout
     assert proc.stdout.strip().endswith("False False")
     assert not (tmp_path / "mlflow.db").exists()
     bad = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(_tiny_yaml(tmp_path)),
