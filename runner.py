@@ -55,7 +55,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", HighLearningRateWarning)
-            cfg = TrainConfig.from_overrides(_parse_sets(args.set), where="--set ")
+            base = {}
+            if args.recipe == "broken":  # the seed's recipe before its fixes; --set on top
+                from ablations.fixes import recipe
+
+                base = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in recipe(baseline="broken").items()}
+            cfg = TrainConfig.from_overrides({**base, **_parse_sets(args.set)}, where="--set ")
         resolve_device(cfg.device)  # e.g. device=cuda on a machine without CUDA
     except ConfigError as e:
         raise _BadInput(str(e)) from None
@@ -408,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fixes)
 
     t = sub.add_parser("train", help="train one configuration (defaults = the fixed recipe)")
+    t.add_argument("--recipe", choices=("fixed", "broken"), default="fixed",
+                   help="start from the fixed recipe (the defaults) or the broken one (every fix "
+                        "off, as the seed's authors first trained it); --set applies on top")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, e.g. --set lr=1e-3 --set norm=batch")
     t.set_defaults(func=cmd_train)

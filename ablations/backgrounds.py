@@ -264,3 +264,14 @@ def _difference(a: pd.Series, b: pd.Series) -> tuple[float, float]:
 def public(t: pd.DataFrame) -> pd.DataFrame:
     """The table without its private columns (for printing and CSV)."""
     return t[[c for c in t.columns if not c.startswith("_")]] if not t.empty else t
+
+
+def as_effects(t: pd.DataFrame) -> pd.DataFrame:
+    """A per-background table in the columns the report's figures and the tracker read:
+    `factor`, and the background (with the regime, where there are several) as `contrast`."""
+    if t.empty:
+        return t
+    t = public(t).rename(columns={"fix": "factor"})
+    t.insert(1, "contrast", [b if r == "all" else f"{b}, {r}" for b, r in
+                             zip(t["background"], t["regime"])])
+    return t

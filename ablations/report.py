@@ -290,7 +290,7 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
         cont = pd.concat([backgrounds.continuous(runs, design_f, in_runs, o, axis)
                           for o in fx.CONTINUOUS], ignore_index=True)
         rate_tests = backgrounds.rate_tests(runs, design_f, in_runs, axis=axis)
-        effects = _as_effects(pd.concat([cont, rate_tests], ignore_index=True))
+        effects = backgrounds.as_effects(pd.concat([cont, rate_tests], ignore_index=True))
         inter = pd.DataFrame()
         oat = backgrounds.public(cont[cont.outcome == "final_val_f1"])
     else:  # factors with more than two levels: paired where partners exist
@@ -303,17 +303,6 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
                   inter, oat, analysis.ablation_path(runs, factors), design=design, fits=fits,
                   aliases=aliases, stress=stress, stability_effects=stab, crashed=crashed,
                   rate_tests=backgrounds.public(rate_tests))
-
-
-def _as_effects(t: pd.DataFrame) -> pd.DataFrame:
-    """A per-background table in the columns the figures and the tracker read: `factor`, and the
-    background (with the regime, where there are several) as `contrast`."""
-    if t.empty:
-        return t
-    t = backgrounds.public(t).rename(columns={"fix": "factor"})
-    t.insert(1, "contrast", [b if r == "all" else f"{b}, {r}" for b, r in
-                             zip(t["background"], t["regime"])])
-    return t
 
 
 def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,

@@ -6,34 +6,38 @@ add:X, drop:X), a *regime* a combination of the stress factors other than the ax
 *axis* the ladder along which the edge is measured: `lr` when it is a stress factor, else the
 first numeric one (e.g. feature_scale).
 
-Per recipe x regime, over the axis and the seeds:
+Per recipe x regime, over the axis and the seeds (`grid`: every run the study should hold; a run
+that is missing, or crashed past its retries, is never counted as stable):
   * a run is *stable* when its final model is finite and not collapsed (status converged or
     recovered: a run whose non-finite steps were zeroed away and that ended finite counts, and
     `clean` says how many had no non-finite event at all);
-  * max stable <axis>: the largest rung at which every seed is stable (per seed: the largest rung
-    at which that seed is stable; a seed stable at no rung counts as one rung below the ladder,
-    so that effects can be computed, and the table says "none");
+  * the best rung: the lowest median capped final loss among the rungs where at least half the
+    seeds are stable. Failures below it are *too slow* (a 20-step run at lr 1e-3 that has not
+    learned yet), not unstable, and are counted apart;
+  * LR50, the estimated edge: the axis value at which half the runs fail, read on the rungs at
+    and above the best rung, with its profile-likelihood interval (ablations/edges.py: each
+    seed's edge is interval-censored between its last stable rung and its first failure);
+  * max stable <axis> (descriptive): the largest rung at which every seed is present and stable;
   * LR sensitivity, as defined by Wortsman et al. 2023, "Small-scale proxies for large-scale
     Transformer training instabilities" (arXiv 2309.14322), sec. 2.2:
         LRS = E_eta [ min(l(eta), l0) - l* ],   l* = min_eta l(eta)
     the mean over the rungs eta of the final loss, capped at the loss at initialisation l0, above
     the best loss of the sweep. Non-finite final losses count as l0 (the min with l0 is the
-    paper's way of counting a diverged run). Here l is the final validation loss and l0 the loss
-    of the first training step, before any update (the same at every rung of a seed: lr does not
-    act before the first update); where that is not finite, ln 2. One departure, stated: where
-    no rung improves on l0 (l* >= l0: the recipe never trained) LRS is undefined (NaN), since
-    the formula would give 0 and rank a recipe that never trains as the least sensitive;
+    paper's way of counting a diverged run). Here l is the final validation loss and l0 the
+    validation loss of the initial model, before any update, measured per run on the same frames
+    (for runs logged before it was measured: step 1's training loss; where neither is finite,
+    ln 2). One departure, stated: where no rung improves on l0 (the recipe never trained) LRS is
+    undefined (NaN), since the formula would give 0 and rank it the least sensitive;
   * the divergence and collapse rate per rung;
   * the step of the first non-finite value and where it happened (module:stage).
-Each fix's effect is estimated per regime, paired by seed (and by the other fixes where the design
-pairs them):
-  * max stable lr, in log10 units (+1 = ten times larger): a t interval over the pairs, widened
-    by one rung spacing on each side, because each seed's edge is only known to within a rung
-    (it lies between its last stable rung and the next one), so two seeds that agree exactly
-    still do not pin the shift down to better than a rung;
-  * LR sensitivity: a t interval over the pairs;
-  * the failure rate over the ladder's runs: the difference of the two arms' rates with
-    Newcombe's hybrid score interval (statsmodels), which stays honest at 0/n vs 0/n.
+Each fix's effect is estimated per background (added to broken; dropped from fixed; or, in a
+factorial study, each state of the other fixes) and per regime, never pooled:
+  * the edge: the shift of log10 LR50 (+1 = ten times larger), profile likelihood, censored
+    sides printed as bounds;
+  * the unstable rate: runs that diverged or collapsed at and above the best rung of both
+    recipes, paired by seed and rung, Newcombe's paired score interval;
+  * LR sensitivity over the rungs both recipes ran, paired by seed: a t interval, or "all seeds
+    agree" where they tie (never a zero-width interval).
 """
 
 from __future__ import annotations

@@ -13,13 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SETS = ["n_songs=6", "frames=64", "n_features=16", "hidden_dim=8", "n_blocks=1",
              "epochs=2", "steps_per_epoch=5", "batch_size=4", "device=cpu"]
 BAD_SETS = {"lr=abc": "lr", "nosuchkey=1": "nosuchkey", "norm=group": "norm", "lr": "lr"}
-RUNS = {"tiny": TINY_SETS, "high_lr": TINY_SETS + ["lr=2e-3"], **{b: [b] for b in BAD_SETS}}
+# The README's one-run symptom command, verbatim (it must print the seed's symptom)
+SYMPTOM = ["--recipe", "broken", "features=power", "precision=fp16", "nonfinite=stop", "epochs=1",
+           "steps_per_epoch=5"]
+RUNS = {"tiny": TINY_SETS, "high_lr": TINY_SETS + ["lr=2e-3"], "symptom": SYMPTOM,
+        **{b: [b] for b in BAD_SETS}}
 if not torch.cuda.is_available():
     RUNS["cuda"] = TINY_SETS + ["device=cuda"]
 
 
 def run_train(sets: list[str]) -> subprocess.CompletedProcess:
-    args = [sys.executable, "runner.py", "train"] + [a for s in sets for a in ("--set", s)]
+    args = [sys.executable, "runner.py", "train"]
+    for s in sets:
+        args += [s] if s.startswith("--") or args[-1] == "--recipe" else ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: threads only add contention
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
@@ -41,6 +47,16 @@ def test_train_tiny_config_exits_0_and_prints_status(cli):
     assert "10 steps" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert "warning" not in proc.stderr
+
+
+def test_readme_symptom_command_prints_the_seed_symptom(cli):
+    """The broken recipe on mel power features under fp16: `loss=nan, grad_norm=nan,
+    chorus%=0.00` at step 1, as the seed's authors saw it."""
+    proc = cli["symptom"]
+    assert proc.returncode == 0, proc.stderr
+    assert "last step 1: loss=nan, grad_norm=nan, chorus%=0.00" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("status diverged")
+    assert "stem.conv:forward" in proc.stdout
 
 
 @pytest.mark.parametrize("arg, key", BAD_SETS.items())
