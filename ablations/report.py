@@ -452,7 +452,8 @@ def _background_sections(rep: Report) -> list[str]:
     if not rt.empty:
         lines += ["## Rate differences per background (fix on minus off)", "",
                   "Paired by seed and stress cell (Newcombe). `untested`: 0/n vs 0/n or n/n vs "
-                  "n/n, which no test can reject.", "",
+                  "n/n, which no test can reject. `p` is unadjusted: the tests the verdicts rest "
+                  "on, and their Holm-adjusted p, are listed in each verdict.", "",
                   analysis.to_markdown(rt[["factor", "background", "regime", "rungs", "outcome",
                                            "counts", "effect", "low", "high", "p", "untested",
                                            "backgrounds"]]), ""]
