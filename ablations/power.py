@@ -329,11 +329,17 @@ def plan(spec: StudySpec, tracking_uri: str, target_effect: Optional[float] = No
                    f"(Lenth's method and the half-normal plot only); use 2 or more seeds")
         need = _seeds_for(target_effect, lambda s: detectable_effect(sd, cells * s, cells * s - p))
     if spec.stress_factors:
-        out.append(f"  stress: divergence and collapse rates compared per regime ({n_regimes}), "
-                   f"over the ladder's runs and seeds")
+        out.append(f"  stress: divergence and collapse rates compared per regime ({n_regimes})"
+                   + (" and per background (added to broken, dropped from fixed)"
+                      if spec.design == "one_at_a_time" else "")
+                   + ", over the ladder's runs and seeds")
     test = rate_test(spec)
     rise, half = detectable_rate(test)
-    m = 2 * sum(f.kind == "fix" for f in spec.design_factors) * n_regimes
+    # the verdicts' family: two tests per fix and regime (divergence and collapse, or with an lr
+    # ladder the edge shift and the unstable rate), in each of a one-at-a-time design's two
+    # backgrounds (added to broken, dropped from fixed)
+    backgrounds = 2 if spec.design == "one_at_a_time" else 1
+    m = 2 * sum(f.kind == "fix" for f in spec.design_factors) * n_regimes * backgrounds
     rise_h, half_h = detectable_rate(test, alpha=ALPHA / max(1, m))
     name = ("the paired Newcombe score test the analysis runs" if test.paired else
             "Newcombe's hybrid score test for independent arms, which the analysis runs")
