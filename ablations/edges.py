@@ -202,22 +202,30 @@ def shift(off: Sequence[Interval], on: Sequence[Interval], ladder: Sequence[floa
 
 
 # ------------------------------------------------------------------------------ printing
-def fmt_location(e: Estimate, axis: str, log: bool = True) -> str:
-    """LR50 as the reader wants it: '0.32 [0.1, 1]', '> 10', '< 0.001', or why there is none."""
+def fmt_location(e: Estimate, axis: str, log: bool = True,
+                 ladder: Optional[Sequence[float]] = None) -> str:
+    """LR50 as the reader wants it: '0.32 [0.1, 1]', '> 10', '< 0.001', or why there is none.
+    An interval end past the ladder (`ladder`, axis units) is printed as a bound too: the model
+    may reach there, the data do not."""
     if not e.measured:
         return e.note or "n/a"
     f = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+    lo_lad, hi_lad = (min(ladder), max(ladder)) if ladder else (-math.inf, math.inf)
     if e.open_high and e.open_low:
         return "not identified (every seed censored)"
     if e.open_high:
-        return f"> {f(e.low)}"
+        return f"> {f(max(e.low, lo_lad))}" if e.low >= lo_lad else f"> {f(e.low)}"
     if e.open_low:
-        return f"< {f(e.high)}"
-    return f"{f(e.value)} [{f(e.low)}, {f(e.high)}]"
+        return f"< {f(min(e.high, hi_lad))}" if e.high <= hi_lad else f"< {f(e.high)}"
+    low = f"< {f(lo_lad)}" if e.low < lo_lad else f(e.low)
+    high = f"> {f(hi_lad)}" if e.high > hi_lad else f(e.high)
+    return f"{f(e.value)} [{low}, {high}]"
 
 
-def fmt_shift(e: Estimate) -> str:
-    """A shift in decades: '+1.0 [+0.4, +1.9]', '> +0.4' (one side censored), or why none."""
+def fmt_shift(e: Estimate, span: Optional[float] = None) -> str:
+    """A shift in decades: '+1.0 [+0.4, +1.9]', '> +0.4' (one side censored), or why none. An
+    interval end larger than the ladder's span (`span`) is printed as a bound: no ladder of that
+    span can show a larger shift."""
     if not e.measured:
         return e.note or "n/a"
     if e.open_high and e.open_low:
@@ -226,4 +234,7 @@ def fmt_shift(e: Estimate) -> str:
         return f"> {e.low:+.1f}"
     if e.open_low:
         return f"< {e.high:+.1f}"
-    return f"{e.value:+.1f} [{e.low:+.1f}, {e.high:+.1f}]"
+    span = math.inf if span is None else span
+    low = f"< {-span:+.1f}" if e.low < -span else f"{e.low:+.1f}"
+    high = f"> {span:+.1f}" if e.high > span else f"{e.high:+.1f}"
+    return f"{e.value:+.1f} [{low}, {high}]"

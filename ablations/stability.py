@@ -286,7 +286,7 @@ def recipe_table(runs: pd.DataFrame, lay: StressLayout,
         slow = pres[pres[lay.axis] < best] if math.isfinite(best) else pres.iloc[:0]
         lrs = g["lr_sensitivity"].to_numpy(float)
         m = bg.paired_t(lrs)
-        lr50_text = (edges.fmt_location(est, lay.axis, log) if math.isfinite(best)
+        lr50_text = (edges.fmt_location(est, lay.axis, log, ladder) if math.isfinite(best)
                      else f"stable at no rung (< {_fmt(min(runs_rr[lay.axis]))})")
         rows.append({"recipe": recipe, "regime": regime,
                      "runs": count_text(len(pres), len(runs_rr), int(runs_rr.crashed.sum())),
@@ -391,6 +391,7 @@ def _edge_row(a: pd.DataFrame, b: pd.DataFrame, ladder: list[float]) -> dict:
     ia = [edges.Interval(lo, hi) for lo, hi in zip(a.edge_low, a.edge_high)]
     ib = [edges.Interval(lo, hi) for lo, hi in zip(b.edge_low, b.edge_high)]
     est = edges.shift(ia, ib, ladder)
+    span = max(ladder) - min(ladder)
     # Nothing to test when no seed of either recipe failed at or above its best rung (both
     # edges past the top), or every seed failed from the start (both below the ladder).
     above = all(math.isinf(i.high) for i in ia + ib)
@@ -399,7 +400,7 @@ def _edge_row(a: pd.DataFrame, b: pd.DataFrame, ladder: list[float]) -> dict:
     note = est.note or ("no seed of either recipe failed above its best rung" if above else
                         "every seed of both failed from its first rung" if below else "")
     return {"outcome": "edge_shift", "effect": est.value, "low": est.low, "high": est.high,
-            "p": est.p, "n": est.n, "shown": edges.fmt_shift(est), "note": note,
+            "p": est.p, "n": est.n, "shown": edges.fmt_shift(est, span), "note": note,
             "better": "higher", "untested": untested, "counts": ""}
 
 
