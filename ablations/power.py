@@ -316,7 +316,7 @@ def plan(spec: StudySpec, tracking_uri: str, target_effect: Optional[float] = No
     n_regimes = stress_counts(spec)[1]
     if spec.design == "one_at_a_time":
         d = detectable_paired(sd, seeds)
-        out.append(f"  smallest F1 effect: {_f(d)} (add-one-in / leave-one-out, paired over "
+        out.append(f"  smallest F1 effect: {_f(d)} (each background apart, paired over "
                    f"{seeds} seeds)")
         need = _seeds_for(target_effect, lambda s: detectable_paired(sd, s))
     else:  # factors with more than two levels: a cell-means model (one term per cell)
@@ -427,7 +427,8 @@ def design_lines(spec: StudySpec) -> list[str]:
                    "  aliases: none up to three-factor terms (main effects and two-factor "
                    "interactions all clear)")
     elif spec.design == "one_at_a_time":
-        out.append("  effects: add-one-in and leave-one-out, paired over seeds (no interactions)")
+        out.append("  effects: each fix in two backgrounds apart (added to broken, dropped from "
+                   "fixed), per regime, paired by seed and stress cell (no interactions)")
     return out
 
 
