@@ -169,30 +169,38 @@ def rung_text(values: Sequence, axis: Optional[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ tables
+def per_regime(runs: pd.DataFrame, design: Sequence[str], stress: Sequence[str],
+               axis: Optional[str]):
+    """(regime, contrast restricted to it) for every contrast and regime (the stress factors
+    other than the axis; 'all' without any)."""
+    regime = [s for s in stress if s != axis]
+    for c in contrasts(runs, design):
+        off = c.off.assign(_regime=regime_of(c.off, regime))
+        on = c.on.assign(_regime=regime_of(c.on, regime))
+        for reg in dict.fromkeys(list(off["_regime"]) + list(on["_regime"])):
+            yield reg, Contrast(c.fix, c.background, off[off._regime == reg],
+                                on[on._regime == reg])
+
+
 def continuous(runs: pd.DataFrame, design: Sequence[str], stress: Sequence[str],
                outcome: str, axis: Optional[str] = None) -> pd.DataFrame:
     """One row per fix x background x regime: the paired effect on `outcome` (on minus off),
     averaged over the axis's rungs per seed, t interval over seeds."""
-    regime = [s for s in stress if s != axis]
+    keys = list(stress) + ["seed"]
     rows = []
-    for c in contrasts(runs, design):
-        keys = list(stress) + ["seed"]
-        off, on = c.off.assign(_regime=regime_of(c.off, regime)), \
-            c.on.assign(_regime=regime_of(c.on, regime))
-        for reg in dict.fromkeys(list(off["_regime"]) + list(on["_regime"])):
-            cc = Contrast(c.fix, c.background, off[off._regime == reg], on[on._regime == reg])
-            j = paired(cc, outcome, keys)
-            both = j.dropna()
-            d = (both["on"] - both["off"]).groupby(level="seed").mean()
-            m = paired_t(d.to_numpy())
-            rungs = both.index.get_level_values(axis) if axis else []
-            rows.append({"fix": c.fix, "background": c.background, "regime": reg,
-                         "rungs": rung_text(rungs, axis), "outcome": outcome,
-                         "effect": m.effect, "low": m.low, "high": m.high, "p": m.p, "n": m.n,
-                         "dropped": len(j) - len(both), "note": m.note,
-                         "mean_off": float(both["off"].mean()) if len(both) else math.nan,
-                         "mean_on": float(both["on"].mean()) if len(both) else math.nan,
-                         "_d": d.to_numpy()})
+    for reg, cc in per_regime(runs, design, stress, axis):
+        j = paired(cc, outcome, keys)
+        both = j.dropna()
+        d = (both["on"] - both["off"]).groupby(level="seed").mean()
+        m = paired_t(d.to_numpy())
+        rungs = both.index.get_level_values(axis) if axis else []
+        rows.append({"fix": cc.fix, "background": cc.background, "regime": reg,
+                     "rungs": rung_text(rungs, axis), "outcome": outcome,
+                     "effect": m.effect, "low": m.low, "high": m.high, "p": m.p, "n": m.n,
+                     "dropped": len(j) - len(both), "note": m.note,
+                     "mean_off": float(both["off"].mean()) if len(both) else math.nan,
+                     "mean_on": float(both["on"].mean()) if len(both) else math.nan,
+                     "_d": d.to_numpy()})
     return agreement(pd.DataFrame(rows))
 
 
@@ -200,24 +208,19 @@ def rate_tests(runs: pd.DataFrame, design: Sequence[str], stress: Sequence[str],
                outcomes: Sequence[str] = ("diverged", "collapsed"),
                axis: Optional[str] = None) -> pd.DataFrame:
     """One row per fix x background x regime x rate: paired (seed and stress cell) Newcombe."""
-    regime = [s for s in stress if s != axis]
+    keys = list(stress) + ["seed"]
     rows = []
-    for c in contrasts(runs, design):
-        keys = list(stress) + ["seed"]
-        off, on = c.off.assign(_regime=regime_of(c.off, regime)), \
-            c.on.assign(_regime=regime_of(c.on, regime))
-        for reg in dict.fromkeys(list(off["_regime"]) + list(on["_regime"])):
-            cc = Contrast(c.fix, c.background, off[off._regime == reg], on[on._regime == reg])
-            for out in outcomes:
-                j = paired(cc, out, keys).dropna()
-                rd = rates.rate_diff_paired(j["on"].to_numpy() > 0, j["off"].to_numpy() > 0)
-                rungs = j.index.get_level_values(axis) if axis else []
-                rows.append({"fix": c.fix, "background": c.background, "regime": reg,
-                             "rungs": rung_text(rungs, axis).replace(", mean per seed", ""),
-                             "outcome": out, "counts": rd.counts(), "effect": rd.diff,
-                             "low": rd.low, "high": rd.high, "p": rd.p, "n": len(j),
-                             "untested": rd.untested or rd.events_on == rd.n_on == rd.events_off,
-                             "method": rd.method, "_rd": rd})
+    for reg, cc in per_regime(runs, design, stress, axis):
+        for out in outcomes:
+            j = paired(cc, out, keys).dropna()
+            rd = rates.rate_diff_paired(j["on"].to_numpy() > 0, j["off"].to_numpy() > 0)
+            rungs = j.index.get_level_values(axis) if axis else []
+            rows.append({"fix": cc.fix, "background": cc.background, "regime": reg,
+                         "rungs": rung_text(rungs, axis).replace(", mean per seed", ""),
+                         "outcome": out, "counts": rd.counts(), "effect": rd.diff,
+                         "low": rd.low, "high": rd.high, "p": rd.p, "n": len(j),
+                         "untested": rd.untested or rd.events_on == rd.n_on == rd.events_off,
+                         "method": rd.method})
     return agreement(pd.DataFrame(rows))
 
 
