@@ -371,9 +371,9 @@ def _effect_sections(rep: Report) -> list[str]:
                "factors coded -1/+1 with all main effects and the estimable two-factor "
                "interactions, seeds as replicates. **Effect = 2 x coefficient** (the DOE textbook "
                "convention): the mean at + (on) minus the mean at - (off), averaged over the other "
-               "factors. 95 % CIs are t intervals from the residual error (with 10 or more seeds "
+               "factors. 95 % CIs are t intervals from the residual error (with 30 or more seeds "
                "a seed-cluster bootstrap is shown beside them as `boot_low`/`boot_high`; with "
-               "fewer it covers too little to be shown); an unreplicated design uses Lenth's "
+               "fewer it covers too little to be shown: 75 % at 3 seeds, 91 % at 10); an unreplicated design uses Lenth's "
                "pseudo standard error and the half-normal plot.")
     elif per_background:
         how = ("One at a time: each fix is judged in two backgrounds, separately: *added to "
