@@ -30,7 +30,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations import backgrounds, edges, stability  # noqa: E402
+from ablations.results import backgrounds, edges, stability  # noqa: E402
 
 LADDER = [-3.0, -2.0, -1.0, 0.0, 1.0]  # log10 lr 1e-3 .. 10, as stability_frontier.yaml
 

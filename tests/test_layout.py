@@ -80,10 +80,10 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_imports_at_module_and_function_level():
     g = graph()
-    assert "ablations.storage" in g["ablations.queue"]  # module level
-    assert "ablations.tracking" in g["ablations.worker"]  # inside work()
-    assert "ablations.launch" in g["runner"]  # inside cmd_run()
-    assert "ablations.tracking" not in g["ablations.queue"]  # only under TYPE_CHECKING
+    assert "ablations.engine.storage" in g["ablations.engine.queue"]  # module level
+    assert "ablations.tracking.tracker" in g["ablations.engine.worker"]  # inside work()
+    assert "ablations.engine.launch" in g["runner"]  # inside cmd_run()
+    assert "ablations.tracking.tracker" not in g["ablations.engine.queue"]  # only under TYPE_CHECKING
 
 
 def test_no_import_cycle():

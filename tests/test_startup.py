@@ -3,7 +3,7 @@
 Commands that do not train (`fixes`, `--help`, `status`, argument errors) must not import torch
 or MLflow (1-3 s each on a busy 2-core machine); timing them is benchmarks/startup.py's job,
 here only what gets imported is checked. Also: the passive OpenMP wait policy that keeps
-threads from spinning on a busy machine (ablations/torch_setup.py), and one-line warnings.
+threads from spinning on a busy machine (ablations/engine/torch_setup.py), and one-line warnings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ablations.torch_setup import calm_openmp, child_env
+from ablations.engine.torch_setup import calm_openmp, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "runner.py"

@@ -12,7 +12,7 @@ TrainConfig, so the same run always has the same key whatever study or launch en
                         Box, Hunter & Hunter (Montgomery, Table 8.14); only designs of resolution
                         >= IV are allowed, so main effects are not aliased with two-factor
                         interactions (the generator tables: fractional.py)
-  search                cells sampled by Optuna (TPE or random); sampled in ablations/trial.py
+  search                cells sampled by Optuna (TPE or random); sampled in ablations/engine/trial.py
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ablations.fractional import LETTERS, fractional_generators, resolution, sign_rows
-from ablations.spec import Factor, StudySpec
+from ablations.design.fractional import LETTERS, fractional_generators, resolution, sign_rows
+from ablations.design.spec import Factor, StudySpec
 from model.config import HighLearningRateWarning, TrainConfig
 
 @dataclass(frozen=True)

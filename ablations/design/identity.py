@@ -20,9 +20,9 @@ import uuid
 import warnings
 from typing import Any, Mapping
 
-from ablations.designs import Cell, Run
-from ablations.fixes import FIXES
-from ablations.spec import Factor, StudySpec
+from ablations.design.designs import Cell, Run
+from ablations.design.fixes import FIXES
+from ablations.design.spec import Factor, StudySpec
 from model.config import HighLearningRateWarning, TrainConfig
 
 # What names a run among a trial's user attributes: a re-queued run copies them

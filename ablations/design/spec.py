@@ -11,7 +11,7 @@
     baseline: fixed                 # state of the fixes that are not factors: fixed | broken
     stress:                         # optional: TrainConfig fields crossed with the design's
       lr: [1e-3, 1e-2, 1e-1, 1]     # cells, the axis along which stability is measured
-      precision: [fp32, fp16]       # (see ablations/stability.py); not for search designs
+      precision: [fp32, fp16]       # (see ablations/results/stability.py); not for search designs
     base: {epochs: 4}               # TrainConfig overrides for every run
     objective: {metric: final_val_f1, direction: maximize}
     budget: {trials: 20, minutes: 30}   # optional; trials is required for search designs
@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ablations.fixes import FIXES, recipe
-from ablations.fractional import fractional_generators
+from ablations.design.fixes import FIXES, recipe
+from ablations.design.fractional import fractional_generators
 from model.config import ConfigError, HighLearningRateWarning, TrainConfig, coerce_field
 
 DESIGNS = ("full_factorial", "one_at_a_time", "fractional_factorial", "search")

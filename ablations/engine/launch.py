@@ -21,16 +21,16 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ablations import designs
-from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
-from ablations.progress import Progress, summarize
-from ablations.queue import close_orphans, plan_state, reconcile
-from ablations.spec import StudySpec
-from ablations.retry import StoreError
-from ablations.storage import finished_trial_ids, handles, queue_lock, safe_url
-from ablations.study import check_joinable, check_tracking, open_study, plan_of
-from ablations.torch_setup import child_env
-from ablations.worker import WorkerContext, work, worker_process
+from ablations.design import designs
+from ablations.engine.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
+from ablations.engine.progress import Progress, summarize
+from ablations.engine.queue import close_orphans, plan_state, reconcile
+from ablations.design.spec import StudySpec
+from ablations.tracking.retry import StoreError
+from ablations.engine.storage import finished_trial_ids, handles, queue_lock, safe_url
+from ablations.engine.study import check_joinable, check_tracking, open_study, plan_of
+from ablations.engine.torch_setup import child_env
+from ablations.engine.worker import WorkerContext, work, worker_process
 
 
 @dataclass
@@ -49,7 +49,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            out=sys.stdout, device: Optional[str] = None,
            threads: Optional[int] = None, ensemble: str = "auto") -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
-    from ablations.tracking import StudyTracker, launch_note
+    from ablations.tracking.tracker import StudyTracker, launch_note
 
     check_tracking(tracking_uri)
     storage, study = open_study(spec, storage_url, create=True)
@@ -121,7 +121,7 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
          threads: Optional[int] = None, wait: bool = True, ensemble: str = "auto") -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
-    from ablations.tracking import StudyTracker
+    from ablations.tracking.tracker import StudyTracker
 
     check_joinable(spec, storage_url, tracking_uri)
     tracker = StudyTracker(tracking_uri, spec.name)
@@ -167,7 +167,7 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
     storage, study_id = handles(study)
     seen = set(finished_trial_ids(storage, study_id))
     lock, stop = threading.Lock(), threading.Event()
-    with child_env():  # their OpenMP threads sleep when idle (ablations/torch_setup.py)
+    with child_env():  # their OpenMP threads sleep when idle (ablations/engine/torch_setup.py)
         for p in procs:
             p.start()
 

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ablations.queue import plan_state
-from ablations.spec import StudySpec
-from ablations.storage import stale_trials
-from ablations.study import Plan, open_study, plan_of
+from ablations.engine.queue import plan_state
+from ablations.design.spec import StudySpec
+from ablations.engine.storage import stale_trials
+from ablations.engine.study import Plan, open_study, plan_of
 
 
 class Progress:

@@ -18,7 +18,7 @@ Search designs (TPE / random) are the exception to "enqueue everything": with no
 worker asks the sampler for a new trial (`refill`), while the study's budget of trials lasts.
 `plan_state` answers where every run stands, for the launcher, the workers and `status`.
 The storage side (one-query reads, the bulk insert, the lock, Optuna's private handles) is
-ablations/storage.py.
+ablations/engine/storage.py.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations import identity
-from ablations.designs import Run
-from ablations.spec import StudySpec
-from ablations.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
+from ablations.design import identity
+from ablations.design.designs import Run
+from ablations.design.spec import StudySpec
+from ablations.engine.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
                                trial_states_by_user_attr, waiting_trial_ids)
-from ablations.study import Plan
+from ablations.engine.study import Plan
 
 if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
-    from ablations.tracking import StudyTracker
+    from ablations.tracking.tracker import StudyTracker
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on every claim and MLflow run
 

@@ -5,7 +5,7 @@ the engine is SQLite on one machine or PostgreSQL/MySQL shared by many. What thi
 
   * `RetryingRDBStorage`: every storage call is retried with exponential backoff on a transient
     fault (SQLite "database is locked", a dropped PostgreSQL connection, a server restart) for up
-    to CHORUS_STORAGE_RETRY_S seconds (the loop and the classifier: ablations/retry.py). The two writes that are not idempotent are made safe to
+    to CHORUS_STORAGE_RETRY_S seconds (the loop and the classifier: ablations/tracking/retry.py). The two writes that are not idempotent are made safe to
     repeat: a trial whose enqueue may already have committed is found by its `enqueue_id`
     instead of being created twice, and a state change that already committed is recognised.
     A store that cannot be reached when first opened (wrong URL, server down, bad password) is
@@ -50,8 +50,8 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models  # enqueue_trials only (the tables Optuna itself writes)
 from optuna.trial import FrozenTrial, TrialState
 
-# The retry loop and error classes: ablations/retry.py (tracking.py shares them).
-from ablations.retry import (StoreError, env_seconds, is_dropped, retry_budget_s,
+# The retry loop and error classes: ablations/tracking/retry.py (tracking.py shares them).
+from ablations.tracking.retry import (StoreError, env_seconds, is_dropped, retry_budget_s,
                              tracking_retry_budget_s, with_retry)
 
 

@@ -1,6 +1,6 @@
 """A study: its plan of runs, its Optuna study in the storage, and the stores checked before work.
 
-A study file becomes one Optuna study (ablations/queue.py says how its runs are queued and
+A study file becomes one Optuna study (ablations/engine/queue.py says how its runs are queued and
 claimed). What a study runs is its `Plan`, chosen once from the design: the fixed runs of a grid
 design (every cell x seed) or `trials` cells sampled by Optuna (search), each trained at every
 seed. Code that must treat the two differently asks the plan (`plan.search`), never the design.
@@ -16,11 +16,11 @@ from typing import Iterator
 
 import optuna
 
-from ablations import designs
-from ablations.designs import Run
-from ablations.spec import StudySpec
-from ablations.retry import StoreError, describe_error
-from ablations.storage import open_storage, safe_url
+from ablations.design import designs
+from ablations.design.designs import Run
+from ablations.design.spec import StudySpec
+from ablations.tracking.retry import StoreError, describe_error
+from ablations.engine.storage import open_storage, safe_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); we rely on them.
@@ -119,7 +119,7 @@ def open_study(spec: StudySpec, storage_url: str,
 
 def check_tracking(tracking_uri: str) -> None:
     """Fail before any training if the MLflow store cannot be reached (one line)."""
-    from ablations.tracking import check_reachable
+    from ablations.tracking.tracker import check_reachable
 
     try:
         check_reachable(tracking_uri)

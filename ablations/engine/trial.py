@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
-from ablations import designs, identity
-from ablations.designs import Cell
-from ablations.queue import WORKER_ID, requeue, tell_failed
-from ablations.spec import StudySpec
-from ablations.retry import StoreUnavailable, describe_error, is_outage
+from ablations.design import designs, identity
+from ablations.design.designs import Cell
+from ablations.engine.queue import WORKER_ID, requeue, tell_failed
+from ablations.design.spec import StudySpec
+from ablations.tracking.retry import StoreUnavailable, describe_error, is_outage
 from model.config import TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
-    from ablations.tracking import StudyTracker
-    from ablations.worker import WorkerContext
+    from ablations.tracking.tracker import StudyTracker
+    from ablations.engine.worker import WorkerContext
     from model.train import TrainResult
 
 
@@ -62,7 +62,7 @@ def _start_child(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial,
                  extra_tags: dict[str, str] | None = None) -> tuple[TrainConfig, Any]:
     """Open the run's MLflow child run (its id recorded on the trial as `run_id_attr`); returns
     the config it trains with (on the worker's device) and the child."""
-    from ablations.tracking import run_name, run_tags
+    from ablations.tracking.tracker import run_name, run_tags
 
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
@@ -94,7 +94,7 @@ def _children_fail_with(children: list[Any]):
 
 def _finish_child(ctx: WorkerContext, child: Any, cfg: TrainConfig, cell: Cell, seed: int,
                   res: TrainResult) -> None:
-    from ablations.tracking import run_note
+    from ablations.tracking.tracker import run_note
 
     child.finish(res, extra_tags={"mlflow.note.content": run_note(ctx.spec, cell, seed, cfg, res)},
                  spec=ctx.spec)

@@ -3,7 +3,7 @@
 Any number of workers, on any machines that reach both stores, work one study: a local one
 started by `launch`, `runner.py worker` anywhere else. A worker killed outright leaves its trial
 RUNNING with a heartbeat that stops; another worker (or the next launch) then re-queues the run
-(ablations/queue.py).
+(ablations/engine/queue.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any, Callable, Optional
 
 import optuna
 
-from ablations import queue, trial as trials
-from ablations.spec import StudySpec
-from ablations.retry import StoreUnavailable
-from ablations.storage import heartbeat_s, open_storage, rdb, trial_id_of
-from ablations.study import load_study, plan_of
+from ablations.engine import queue, trial as trials
+from ablations.design.spec import StudySpec
+from ablations.tracking.retry import StoreUnavailable
+from ablations.engine.storage import heartbeat_s, open_storage, rdb, trial_id_of
+from ablations.engine.study import load_study, plan_of
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     `ctx.wait`, waits while other workers still have runs in flight, so a run whose worker is
     killed is re-run by a survivor instead of waiting for the next launch.
     """
-    from ablations.tracking import StudyTracker
+    from ablations.tracking.tracker import StudyTracker
 
     if ctx.threads:
         import torch

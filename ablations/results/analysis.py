@@ -19,9 +19,9 @@ Where the design has no such partner, the effect is the difference of the two ar
 CIs are t intervals: over the pairs (Welch's for unpaired arms). A bootstrap is not used: over 3
 paired differences a BCa bootstrap covers 69 % for a nominal 95 %, over 6 pairs 88 %, where the
 t interval keeps its level (benchmarks/coverage.py). One-at-a-time designs are analysed per
-background (ablations.backgrounds: the fix added to the broken recipe, and dropped from the fixed
-one, never pooled); factorial designs with their own linear model (ablations.effects); rates
-with score intervals (ablations.rates); verdicts follow ablations.verdicts.RULE.
+background (ablations.results.backgrounds: the fix added to the broken recipe, and dropped from the fixed
+one, never pooled); factorial designs with their own linear model (ablations.results.effects); rates
+with score intervals (ablations.results.rates); verdicts follow ablations.results.verdicts.RULE.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ablations import backgrounds, identity, rates
-from ablations.fixes import FIXES
-from ablations.verdicts import Estimate as Estimate_
-from ablations.verdicts import judge
+from ablations.results import backgrounds, rates
+from ablations.design import identity
+from ablations.design.fixes import FIXES
+from ablations.results.verdicts import Estimate as Estimate_
+from ablations.results.verdicts import judge
 
 OUTCOMES = {
     # name: (column, better, description)
@@ -165,8 +166,8 @@ def _canonical(cell: str) -> str:
 
 def plan_cells(spec_path: str) -> Optional[list[tuple[str, int]]]:
     """(cell label, seed) of every run of a study file; None for search designs (keep all runs)."""
-    from ablations import designs
-    from ablations.spec import load_spec
+    from ablations.design import designs
+    from ablations.design.spec import load_spec
 
     spec = load_spec(spec_path)
     if spec.design == "search":
@@ -347,8 +348,8 @@ def one_at_a_time(runs: pd.DataFrame, outcome: str = "final_val_f1",
     broken) and dropped from the fixed one (fixed minus drop:X), paired by seed *and* stress cell;
     with an lr axis, each seed's differences are averaged over the rungs both runs have (the
     `rungs` column says which), then a t interval over seeds. `backgrounds` says whether the two
-    backgrounds agree (ablations.backgrounds.agreement)."""
-    from ablations import stability
+    backgrounds agree (ablations.results.backgrounds.agreement)."""
+    from ablations.results import stability
 
     design = [f for f in factor_names(runs) if f in runs and f not in stress]
     lay = stability.layout(runs, design + list(stress), stress) if stress else None
@@ -444,23 +445,23 @@ def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence
     """The evidence each claim is judged on.
 
     One-at-a-time designs: per background and regime, never pooled. With a stress axis, the
-    shift of the edge and the unstable rate (ablations.stability); otherwise the divergence and
+    shift of the edge and the unstable rate (ablations.results.stability); otherwise the divergence and
     collapse rates, paired by seed and stress cell. Factorial designs: the rates as the design's
     main effect (on vs off over every other fix), per regime."""
     design = [f for f in factors if f not in stress]
     if backgrounds.has_roles(runs):
         if stability_effects is not None and not stability_effects.empty:
-            from ablations.stability import VERDICT_OUTCOMES
+            from ablations.results.stability import VERDICT_OUTCOMES
 
             tests = stability_effects[stability_effects.outcome.isin(VERDICT_OUTCOMES)]
         else:
-            from ablations import stability
+            from ablations.results import stability
 
             in_runs = [s for s in stress if s in runs]
             axis = stability.layout(runs, factors, in_runs).axis if in_runs else None
             tests = backgrounds.rate_tests(runs, design, in_runs, axis=axis)
         return {k: v for k, v in background_estimates(tests).items() if k in FIXES}
-    from ablations import stability
+    from ablations.results import stability
 
     regimes = stability.layout(runs, factors, stress).regime if stress else ()
     return {n: instability_estimates(runs, factors, n, regimes) for n in design
@@ -473,7 +474,7 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
     whose fix is a factor.
 
     Every claim of the seed is about instability (`loss=nan`, `chorus%=0`), so it is judged on
-    the estimates of `claim_estimates` by the rule in `ablations.verdicts.RULE` (Holm across every
+    the estimates of `claim_estimates` by the rule in `ablations.results.verdicts.RULE` (Holm across every
     test judged here). The F1 effect is shown next to it as context, not as evidence.
     """
     columns = ["fix", "critical", "claim", "verdict", "evidence", "reason"]

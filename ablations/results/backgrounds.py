@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablations import rates
+from ablations.results import rates
 
 ADDED, DROPPED = "added to broken", "dropped from fixed"
 

@@ -343,7 +343,7 @@ def factorial_effects(runs: pd.DataFrame, factors: Sequence[str], note: str = ""
     `factors`: the two-level factors to analyse (the caller leaves out e.g. stress factors, or
     passes one stress rung's runs). `note`: the MLflow experiment's description, where
     launch.launch writes a fraction's generators."""
-    from ablations import rates
+    from ablations.results import rates
 
     factors = list(factors)
     aliases = aliases_from_note(note, factors)

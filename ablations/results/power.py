@@ -5,7 +5,7 @@
     power: the smallest F1 effect detectable at 80 % power, from the seed-to-seed spread of
            earlier runs of the same recipes (else a stated default), and the seeds a target
            effect needs; the smallest rate difference the analysis's own rate test detects at
-           80 % power (exact: ablations/rate_power.py)
+           80 % power (exact: ablations/results/rate_power.py)
 
 Reading the tracking store: an SQLite store (MLflow's default, `sqlite:///mlflow.db`) is read
 with the standard library's sqlite3, read-only. Why not MlflowClient: importing MLflow costs
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from ablations import designs
-from ablations.spec import StudySpec
+from ablations.design import designs
+from ablations.design.spec import StudySpec
 
 ALPHA, POWER = 0.05, 0.80
 DEFAULT_SD = 0.03  # F1 sd between seeds assumed when the store has no earlier runs of a recipe
@@ -205,7 +205,7 @@ def detectable_paired(sd: float, seeds: int, alpha: float = ALPHA, power: float 
 
 @dataclass(frozen=True)
 class RateTest:
-    """The rate test the analysis runs for one contrast in one regime (ablations/rates.py):
+    """The rate test the analysis runs for one contrast in one regime (ablations/results/rates.py):
     `paired` (Newcombe's paired score interval over n pairs) or independent arms of n runs
     each (Newcombe's hybrid score), and what n counts, for the printed line."""
 
@@ -246,10 +246,10 @@ def detectable_rate(test: RateTest, alpha: float = ALPHA, power: float = POWER
                     ) -> tuple[float, float]:
     """(rise from 0 %, difference around 50 %) that the analysis's rate test detects with
     `power`: the smallest difference from which its exact power stays >= `power`, on a grid of
-    0.1 percentage points (ablations/rate_power.py; a pair's two runs independent given their
+    0.1 percentage points (ablations/results/rate_power.py; a pair's two runs independent given their
     arms' rates). Exact where the normal approximation on Cohen's h, used before, was not: it
     promised 80 % for 0 % -> 4 % with 96 pairs; the paired Newcombe test has 34 % there."""
-    from ablations import rate_power
+    from ablations.results import rate_power
 
     if test.n < 2:
         return math.nan, math.nan
@@ -266,7 +266,7 @@ def detectable_rate(test: RateTest, alpha: float = ALPHA, power: float = POWER
 # ------------------------------------------------------------------------------ the plan
 def model_terms(spec: StudySpec) -> tuple[int, str]:
     """(parameters of the analysis model per replicate, alias text) of a factorial design."""
-    from ablations import effects
+    from ablations.results import effects
 
     names = [f.name for f in spec.design_factors]
     if spec.design == "fractional_factorial":
@@ -366,7 +366,7 @@ def preamble(spec: StudySpec, tracking_uri: str) -> list[str]:
 
 def stress_counts(spec: StudySpec) -> tuple[int, int]:
     """(stress combinations per design cell, regimes): a regime is a combination of the stress
-    factors other than the axis (lr, else the first numeric one; see ablations/stability.py)."""
+    factors other than the axis (lr, else the first numeric one; see ablations/results/stability.py)."""
     stress = spec.stress_factors
     n = math.prod(len(f.values) for f in stress) if stress else 1
     numeric = [f for f in stress if all(isinstance(v, (int, float)) and not isinstance(v, bool)

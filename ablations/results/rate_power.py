@@ -1,4 +1,4 @@
-"""Exact power of the rate tests the analysis runs (ablations/rates.py), for `runner.py plan`.
+"""Exact power of the rate tests the analysis runs (ablations/results/rates.py), for `runner.py plan`.
 
 A test *rejects* when its 95 % interval excludes 0 (rates.ci_pvalue makes "p < alpha" the same
 statement). Power is the probability of that, summed exactly over every outcome of the design:

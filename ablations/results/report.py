@@ -2,7 +2,7 @@
 
     python runner.py report studies/quick.yaml          # -> reports/quick/report.md + *.png
 
-Every figure reads from `ablations.analysis` only; the report is also logged to the study's
+Every figure reads from `ablations.results.analysis` only; the report is also logged to the study's
 latest launch (parent) run in MLflow under `report/`.
 """
 
@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
-from ablations.fixes import FIXES  # noqa: E402
-from ablations.verdicts import RULE  # noqa: E402
+from ablations.results import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
+from ablations.design.fixes import FIXES  # noqa: E402
+from ablations.results.verdicts import RULE  # noqa: E402
 
 OFF_ON_COLORS = {"off": "#d62728", "on": "#1f77b4"}
 CURVE_METRICS = [("train/loss", "train loss", True), ("train/grad_norm", "pre-clip grad norm", True),
@@ -255,7 +255,7 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
             factors: Optional[list[str]] = None) -> Report:
     """Effects, verdicts and tables for the study's design.
 
-    Factorial designs: the design's OLS model (ablations.effects) for continuous outcomes and
+    Factorial designs: the design's OLS model (ablations.results.effects) for continuous outcomes and
     score intervals for rates; one-at-a-time: paired bootstrap (analysis.main_effects) and paired
     score intervals; search: importance and associations only, no verdicts. `factors`: the factors
     to analyse (default: every factor in the cell labels)."""
@@ -268,7 +268,7 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
     stress = [s for s in tags.get("study.stress", "").split(",") if s]
     empty = pd.DataFrame()
     if design == "search":
-        from ablations import importance
+        from ablations.results import importance
 
         return Report(study, runs, factors, empty, empty, empty, empty, empty, design=design,
                       importance=importance.importance(runs, factors),
@@ -334,7 +334,7 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
              "finite (`dropped` says how many were left out).", ""]
     lines += _search_sections(rep) if search else _effect_sections(rep)
     if rep.stress:
-        from ablations import stability_report
+        from ablations.results import stability_report
 
         st_lines, st_figs = stability_report.section(
             runs, rep.factors, rep.stress, out_dir, analysis.to_markdown, rep.stability_effects,
@@ -503,7 +503,7 @@ def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path,
     """Attach the report folder to the study's latest launch (parent) run and write the verdicts
     and a link to report.md into its description (and a link into the experiment's); launch
     runs whose launcher died are closed first. Returns the run id (None: no launch run)."""
-    from ablations.tracking import StudyTracker
+    from ablations.tracking.tracker import StudyTracker
 
     tracker = StudyTracker(tracking_uri, study)  # (None: MLflow's default store)
     if tracker.experiment_id is None:

@@ -15,7 +15,7 @@ that is missing, or crashed past its retries, is never counted as stable):
     seeds are stable. Failures below it are *too slow* (a 20-step run at lr 1e-3 that has not
     learned yet), not unstable, and are counted apart;
   * LR50, the estimated edge: the axis value at which half the runs fail, read on the rungs at
-    and above the best rung, with its profile-likelihood interval (ablations/edges.py: each
+    and above the best rung, with its profile-likelihood interval (ablations/results/edges.py: each
     seed's edge is interval-censored between its last stable rung and its first failure);
   * max stable <axis> (descriptive): the largest rung at which every seed is present and stable;
   * LR sensitivity, as defined by Wortsman et al. 2023, "Small-scale proxies for large-scale
@@ -50,8 +50,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablations import backgrounds as bg
-from ablations import edges
+from ablations.results import backgrounds as bg
+from ablations.results import edges
 
 STABLE_STATUSES = ("converged", "recovered")
 LN2 = math.log(2.0)
@@ -411,7 +411,7 @@ def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.Dat
     j = pd.concat([ga[ga.present & (ga[axis] >= start)].set_index(keys)["stable"].rename("off"),
                    gb[gb.present & (gb[axis] >= start)].set_index(keys)["stable"].rename("on")],
                   axis=1, join="inner").dropna()
-    from ablations import rates
+    from ablations.results import rates
 
     rd = rates.rate_diff_paired(~j["on"].astype(bool).to_numpy(), ~j["off"].astype(bool).to_numpy())
     untested = rd.untested or (rd.events_on == rd.n_on and rd.events_off == rd.n_off)

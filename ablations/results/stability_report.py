@@ -1,6 +1,6 @@
 """The stability section of the report: final loss vs lr, the stability map, the tables.
 
-Drawn only for studies with `stress:` factors (ablations/stability.py defines the outcomes).
+Drawn only for studies with `stress:` factors (ablations/results/stability.py defines the outcomes).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations import stability  # noqa: E402
-from ablations.stability import StressLayout  # noqa: E402
+from ablations.results import stability  # noqa: E402
+from ablations.results.stability import StressLayout  # noqa: E402
 
 ANCHORS = {"broken": ("black", 2.4), "fixed": ("#1f77b4", 2.4)}
 
@@ -147,7 +147,7 @@ def section(runs: pd.DataFrame, factors: list[str], stress: list[str], out: Path
                   f"dose-response, with each seed's runs counted as one interval-censored "
                   f"tolerance, not as independent runs); LR50, the {axis} at which half the runs "
                   f"fail, has a profile-likelihood 95 % interval calibrated for few seeds "
-                  f"(ablations/edges.py). Separation (every seed failing between the same two "
+                  f"(ablations/results/edges.py). Separation (every seed failing between the same two "
                   f"rungs) is handled by the profile likelihood itself: the interval then spans "
                   f"the rungs. An edge past the ladder is printed as a bound ('> 10'), never as a "
                   f"number. `max_stable_{axis}` is the descriptive rung table: the largest rung "

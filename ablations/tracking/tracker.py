@@ -11,7 +11,7 @@ lead-up), `grad_spikes.csv` when the spike check warned (same columns: a spike i
 a finite gradient, not a non-finite event), and the tags `status` and `first_nonfinite_where`
 ("module:stage") to filter runs by in the UI.
 
-How a study reads in the MLflow UI (ablations/views.py has the saved views):
+How a study reads in the MLflow UI (ablations/tracking/ui/views.py has the saved views):
   * run names are short and start with the seed (`s0 bias_init=on lr=0.001`), so paired runs
     differ at a glance even when the column is cut;
   * every single-value metric is logged at step 0: MLflow draws a metric whose last step is 0 as a
@@ -19,7 +19,7 @@ How a study reads in the MLflow UI (ablations/views.py has the saved views):
   * the headline metrics `final_val_f1` (a diverged run counts 0, as the analysis counts it) and
     `diverged` (0/1: its mean over a group is the divergence rate) are rounded to 3 significant
     digits for the runs table (MLflow shows 16 decimals); `outcome/*` keeps full precision and is
-    what `ablations.analysis` reads; the study's objective gets a headline metric of its own when
+    what `ablations.results.analysis` reads; the study's objective gets a headline metric of its own when
     it is another metric;
   * fixes are tags (filter, group by) and params (the compare page's parallel coordinates);
   * no empty tag is written; `result.json` is strict JSON (null where a value is NaN).
@@ -45,17 +45,17 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from ablations import identity
-from ablations.fixes import FIXES
-from ablations.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
-from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
+from ablations.design import identity
+from ablations.design.fixes import FIXES
+from ablations.tracking.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
+from ablations.tracking.ui.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
 
 if TYPE_CHECKING:  # only their attributes are used: no import of the study machinery at run time
-    from ablations.designs import Cell
-    from ablations.spec import StudySpec
+    from ablations.design.designs import Cell
+    from ablations.design.spec import StudySpec
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (Markdown) in the UI
@@ -131,7 +131,7 @@ def headline_metrics(spec: Optional[StudySpec], res: TrainResult) -> dict[str, f
 
 def run_tags(spec: StudySpec, cell: Cell, seed: int, run_key: str, trial_number: int,
              worker: str, attempt: int) -> dict[str, str]:
-    """A run's identity tags (ablations/identity.py: the analysis reads them back; `worker` and
+    """A run's identity tags (ablations/design/identity.py: the analysis reads them back; `worker` and
     `attempt` say who ran which attempt)."""
     tags = {"study": spec.name, "design": spec.design, **identity.tags(spec, cell, seed, run_key),
             "optuna_trial": str(trial_number), "worker": worker, "attempt": str(attempt)}

@@ -1,4 +1,4 @@
-"""ablations/designs.py: full factorial, one-at-a-time, fractional factorial, run keys."""
+"""ablations/design/designs.py: full factorial, one-at-a-time, fractional factorial, run keys."""
 
 import itertools
 import math
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ablations import designs
-from ablations.designs import (Cell, config_key, describe_fraction, fractional_factorial,
+from ablations.design import designs
+from ablations.design.designs import (Cell, config_key, describe_fraction, fractional_factorial,
                                full_factorial, one_at_a_time)
-from ablations.fixes import FIXES, recipe
-from ablations.fractional import (GENERATORS, LETTERS, defining_relation, fractional_generators,
+from ablations.design.fixes import FIXES, recipe
+from ablations.design.fractional import (GENERATORS, LETTERS, defining_relation, fractional_generators,
                                   resolution)
-from ablations.spec import Factor, load_spec, parse_spec
+from ablations.design.spec import Factor, load_spec, parse_spec
 from model.config import HighLearningRateWarning, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIX_NAMES = list(FIXES)
 
 
@@ -290,7 +290,7 @@ def test_run_key_depends_only_on_the_resolved_config():
 
 
 def test_run_keys_stable_across_processes():
-    code = ("from ablations import designs; from ablations.spec import load_spec; "
+    code = ("from ablations.design import designs; from ablations.design.spec import load_spec; "
             "print(','.join(r.run_key + ':' + r.cell.cell_id for r in "
             "designs.runs(load_spec('studies/quick.yaml'))))")
     outs = set()

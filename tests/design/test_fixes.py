@@ -1,4 +1,4 @@
-"""ablations/fixes.py: the seed's fixes as on/off toggles, the broken and fixed recipes."""
+"""ablations/design/fixes.py: the seed's fixes as on/off toggles, the broken and fixed recipes."""
 
 import subprocess
 import sys
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ablations import fixes
-from ablations.fixes import FIXES, Fix, check_consistent, recipe, table
+from ablations.design import fixes
+from ablations.design.fixes import FIXES, Fix, check_consistent, recipe, table
 from model.config import HighLearningRateWarning, TrainConfig
 
-RUNNER = Path(__file__).resolve().parents[1] / "runner.py"
+RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
 
 BROKEN = {
     "classifier_bias": (0.02, 0.0),
@@ -102,7 +102,7 @@ def test_critical_and_kinds():
 
 
 def test_fix_states_reads_fixes_off_a_config():
-    from ablations.tracking import fix_states
+    from ablations.tracking.tracker import fix_states
 
     assert fix_states(TrainConfig()) == {n: "on" for n in NAMES}
     with pytest.warns(HighLearningRateWarning):

@@ -1,12 +1,12 @@
-"""ablations/identity.py: a run is named one way in the queue and on MLflow, and read back typed."""
+"""ablations/design/identity.py: a run is named one way in the queue and on MLflow, and read back typed."""
 
 from __future__ import annotations
 
 import pytest
 
-from ablations import designs, identity
-from ablations.spec import parse_spec
-from ablations.tracking import run_tags
+from ablations.design import designs, identity
+from ablations.design.spec import parse_spec
+from ablations.tracking.tracker import run_tags
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""ablations/spec.py: study files are validated, and every error names the file and the key."""
+"""ablations/design/spec.py: study files are validated, and every error names the file and the key."""
 
 import math
 import subprocess
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ablations import designs
-from ablations.spec import OBJECTIVES, Factor, SpecError, StudySpec, load_spec, parse_spec
+from ablations.design import designs
+from ablations.design.spec import OBJECTIVES, Factor, SpecError, StudySpec, load_spec, parse_spec
 from model.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "runner.py"
 SHIPPED = sorted((ROOT / "studies").glob("*.yaml"))
 

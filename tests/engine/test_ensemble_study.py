@@ -9,9 +9,9 @@ import pytest
 from optuna.trial import TrialState
 
 import model.ensemble
-from ablations import trial as trial_module
-from ablations.spec import load_spec
-from ablations.worker import WorkerContext
+from ablations.engine import trial as trial_module
+from ablations.design.spec import load_spec
+from ablations.engine.worker import WorkerContext
 from model.config import TrainConfig
 from test_execute import GRID_2X2, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 

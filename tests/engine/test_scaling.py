@@ -24,10 +24,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ablations import analysis
+from ablations.results import analysis
 import pgdb as pg
 
-RUNNER = Path(__file__).resolve().parents[1] / "runner.py"
+RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
 STUDY = """\
 name: s24
 design: full_factorial

@@ -1,4 +1,4 @@
-"""ablations/storage.py and the fault paths of the queue, workers and tracking, on real stores, in-process.
+"""ablations/engine/storage.py and the fault paths of the queue, workers and tracking, on real stores, in-process.
 
 SQLite tests run everywhere; the PostgreSQL ones need the server `.ci/postgres` starts (they
 skip without it, and fail in CI where CHORUS_REQUIRE_POSTGRES is set). The multi-process
@@ -24,16 +24,16 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import pgdb
-from ablations import launch as launching
-from ablations import progress, queue
-from ablations import retry
-from ablations import storage as st
-from ablations import worker
-from ablations.study import load_study, plan_of
-from ablations.spec import load_spec
-from ablations.tracking import ChildRun, StudyTracker
+from ablations.engine import launch as launching
+from ablations.engine import progress, queue
+from ablations.tracking import retry
+from ablations.engine import storage as st
+from ablations.engine import worker
+from ablations.engine.study import load_study, plan_of
+from ablations.design.spec import load_spec
+from ablations.tracking.tracker import ChildRun, StudyTracker
 
-RUNNER = Path(__file__).resolve().parents[1] / "runner.py"
+RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
 TINY = """\
 name: {name}
 design: full_factorial
@@ -295,7 +295,7 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
     # The dead worker's last beat lands as the live one finishes its own run, so the lost run is
     # in flight (not yet stale) when the live worker runs out of queued runs, however long that
     # run took on a loaded machine: the worker must wait, then re-run it once it goes stale.
-    from ablations import trial as trial_mod
+    from ablations.engine import trial as trial_mod
 
     real_train = trial_mod.train
 

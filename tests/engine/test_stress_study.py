@@ -9,9 +9,10 @@ import json
 import pytest
 from test_execute import CountingTrain, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
-from ablations import trial as trial_module
-from ablations import analysis, designs, report
-from ablations.spec import load_spec
+from ablations.engine import trial as trial_module
+from ablations.results import analysis, report
+from ablations.design import designs
+from ablations.design.spec import load_spec
 
 STRESS = """\
 design: one_at_a_time
@@ -107,7 +108,7 @@ def test_stability_notebook_executes(stress_study, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     st, spec, *_ = stress_study
-    path = Path(__file__).resolve().parents[1] / "notebooks" / "stability.ipynb"
+    path = Path(__file__).resolve().parents[2] / "notebooks" / "stability.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
     monkeypatch.setenv("CHORUS_STUDY", spec.name)

@@ -21,12 +21,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ablations import designs, progress, queue
-from ablations import trial as trial_module
-from ablations.launch import launch
-from ablations.storage import open_storage
-from ablations.study import load_study, plan_of
-from ablations.spec import load_spec
+from ablations.design import designs
+from ablations.engine import progress, queue
+from ablations.engine import trial as trial_module
+from ablations.engine.launch import launch
+from ablations.engine.storage import open_storage
+from ablations.engine.study import load_study, plan_of
+from ablations.design.spec import load_spec
 from model.config import TrainConfig
 from model.train import train as real_train
 
@@ -93,7 +94,7 @@ def by_run_key(trials) -> dict:
 
 
 class CountingTrain:
-    """Stands in for ablations.trial.train: counts calls, can fail chosen calls."""
+    """Stands in for ablations.engine.trial.train: counts calls, can fail chosen calls."""
 
     def __init__(self, fail=None):
         self.calls = []
@@ -569,7 +570,7 @@ def test_search_trials_that_always_crash_stop_after_the_retries(stores, monkeypa
 def test_search_summary_counts_runs_and_its_report_gives_no_verdicts(stores):
     """Issue #13: a search trial is one cell at every seed, so the summary counts runs (not
     trials) and its sd is the spread over seeds; the report gives importance, no verdicts."""
-    from ablations import report
+    from ablations.results import report
 
     body = SEARCH.replace("seeds: [0]", "seeds: [0, 1]").replace("trials: 3", "trials: 2")
     body = body.replace("factors:\n", "factors:\n  layer_norm: [off, on]\n")

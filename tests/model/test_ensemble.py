@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablations.fixes import recipe
+from ablations.design.fixes import recipe
 from model.config import HighLearningRateWarning, TrainConfig
 from model.data import make_data
 from model.ensemble import _Ensemble, ensemble_declines, train_ensemble

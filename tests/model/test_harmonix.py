@@ -22,7 +22,7 @@ from model.data import make_data
 from model.harmonix import HarmonixWarning, parse_segments
 from model.train import train
 
-SHARED_SEGMENTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "harmonix" / "segments"
+SHARED_SEGMENTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "harmonix" / "segments"
 needs_shared = pytest.mark.skipif(not SHARED_SEGMENTS.is_dir(),
                                   reason=f"Harmonix Set segments not found at {SHARED_SEGMENTS}")
 

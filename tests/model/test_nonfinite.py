@@ -569,7 +569,7 @@ def test_mlflow_events_table_curves_and_tags(tmp_path, monkeypatch, batches):
     with the forensic columns, the curves are step metrics, and the run is tagged."""
     from mlflow.tracking import MlflowClient
 
-    from ablations.tracking import StudyTracker
+    from ablations.tracking.tracker import StudyTracker
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ablations.designs import config_key
-from ablations.fixes import recipe
+from ablations.design.designs import config_key
+from ablations.design.fixes import recipe
 from model.config import ConfigError, TrainConfig
 from model.data import make_data
 from model.train import build_optimizer, lr_factor, train

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablations import analysis
+from ablations.results import analysis
 
 FACTORS = ["bias_init", "no_clamp", "plain_residual"]
 # y = BASE + sum(main) + interaction * a * b + seed effect + noise, with 0/1 coding of a, b, c.

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablations import analysis, backgrounds, edges, stability
-from ablations.stability import layout
-from ablations.verdicts import judge
+from ablations.results import analysis, backgrounds, edges, stability
+from ablations.results.stability import layout
+from ablations.results.verdicts import judge
 
 LADDER = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ROLES = ("broken", "add:bias_init", "drop:bias_init", "fixed")
@@ -198,7 +198,7 @@ def test_n_of_n_versus_n_of_n_is_untested():
 
 def test_adjusted_p_values_are_kept_per_test_not_per_label():
     """Two tests with the same outcome name in two backgrounds: both adjusted, neither lost."""
-    from ablations.verdicts import Estimate
+    from ablations.results.verdicts import Estimate
 
     a = Estimate("divergence rate", -0.5, -0.8, -0.2, 0.001, background="added to broken")
     b = Estimate("divergence rate", -0.1, -0.3, 0.1, 0.4, background="dropped from fixed")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "coverage_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py")
+    "coverage_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py")
 cov = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cov)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablations import analysis, effects, rates
-from ablations.verdicts import Estimate, holm, judge
+from ablations.results import analysis, effects, rates
+from ablations.results.verdicts import Estimate, holm, judge
 
 # Montgomery, "Design and Analysis of Experiments" (8th ed., 2013), Example 6.2, Table 6.10:
 # filtration rate (gal/h) of a chemical product, an unreplicated 2^4 in A (temperature),
@@ -293,7 +293,7 @@ def test_an_outcome_unmeasured_at_one_level_is_not_modelled():
     (lr would have one level), while F1 (diverged = 0) and the rates still do."""
     import pandas as pd
 
-    from ablations import effects as fx
+    from ablations.results import effects as fx
 
     rows = []
     for a in (False, True):

@@ -1,4 +1,4 @@
-"""Exact power of the rate tests (ablations/rate_power.py) against the analysis's own functions:
+"""Exact power of the rate tests (ablations/results/rate_power.py) against the analysis's own functions:
 the numpy intervals equal statsmodels' and rates.py's outcome by outcome, the power agrees with
 a Monte Carlo simulation of rates.rate_diff_paired / rate_diff_indep, and `plan` prints the
 power of the test the analysis runs, over the pairs it will have."""
@@ -15,8 +15,9 @@ from scipy.optimize import brentq
 from scipy.stats import binom
 from statsmodels.stats.proportion import proportion_confint
 
-from ablations import designs, power, rate_power, rates
-from ablations.spec import parse_spec
+from ablations.design import designs
+from ablations.results import power, rate_power, rates
+from ablations.design.spec import parse_spec
 
 
 # ------------------------------------------------------------------------------ intervals

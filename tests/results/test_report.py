@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ablations import analysis, report
-from ablations.launch import launch
-from ablations.spec import parse_spec
+from ablations.results import analysis, report
+from ablations.engine.launch import launch
+from ablations.design.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"n_songs": 4, "frames": 128, "n_features": 8, "hidden_dim": 8, "n_blocks": 1,
         "epochs": 2, "steps_per_epoch": 3, "batch_size": 8}
 
@@ -163,7 +163,7 @@ def test_runner_plan_reads_the_store(tiny_study):
 def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path):
     """No store: 'none known' and the stated default spread; the planning code imports neither
     torch nor MLflow (and creates no database); a bad option is a one-line error."""
-    code = ("import sys; from ablations.power import plan; from ablations.spec import load_spec; "
+    code = ("import sys; from ablations.results.power import plan; from ablations.design.spec import load_spec; "
             f"print('\\n'.join(plan(load_spec({str(_tiny_yaml(tmp_path))!r}), "
             "'sqlite:///mlflow.db'))); "
             "print('torch' in sys.modules, 'mlflow' in sys.modules)")

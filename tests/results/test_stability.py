@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablations import stability
-from ablations.spec import SpecError, parse_spec
-from ablations.stability import layout, lr_sensitivity, max_stable
+from ablations.results import stability
+from ablations.design.spec import SpecError, parse_spec
+from ablations.results.stability import layout, lr_sensitivity, max_stable
 
 INF, NAN = math.inf, math.nan
 
@@ -149,7 +149,7 @@ BASE = {"name": "s", "design": "one_at_a_time", "factors": {"bias_init": ["off",
 
 
 def test_stress_factors_are_crossed_with_every_cell():
-    from ablations import designs
+    from ablations.design import designs
 
     spec = parse_spec({**BASE, "stress": {"lr": ["1e-3", 1e-2, 0.1], "precision": ["fp32", "fp16"]}})
     assert [f.name for f in spec.design_factors] == ["bias_init", "layer_norm"]
@@ -191,10 +191,10 @@ def test_stress_conflicts_with_base_and_search():
 def test_shipped_stress_studies_parse():
     from pathlib import Path
 
-    from ablations import designs
-    from ablations.spec import load_spec
+    from ablations.design import designs
+    from ablations.design.spec import load_spec
 
-    root = Path(__file__).resolve().parents[1] / "studies"
+    root = Path(__file__).resolve().parents[2] / "studies"
     for name in ("stability_frontier.yaml", "seed_symptom.yaml"):
         spec = load_spec(root / name)
         assert spec.stress_factors
@@ -209,8 +209,9 @@ def test_one_at_a_time_rates_use_the_pairs_only():
     """Broken-side recipes collapse, fixed-side ones do not, and fix x changes nothing within its
     pairs (broken vs add:x, drop:x vs fixed). Pooling the arms would credit x with the difference
     between the two sides; the pairs show none."""
-    from ablations import designs, rates
-    from ablations.spec import parse_spec
+    from ablations.design import designs
+    from ablations.results import rates
+    from ablations.design.spec import parse_spec
 
     spec = parse_spec({"name": "o", "design": "one_at_a_time", "seeds": 3,
                        "factors": {f: ["off", "on"] for f in ("bias_init", "no_clamp", "clip_0_5",

@@ -1,4 +1,4 @@
-"""The retry loop shared by the Optuna storage and the MLflow tracking store (ablations/retry.py)."""
+"""The retry loop shared by the Optuna storage and the MLflow tracking store (ablations/tracking/retry.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy.exc
 
-from ablations import retry
+from ablations.tracking import retry
 
 
 def locked() -> sqlalchemy.exc.OperationalError:

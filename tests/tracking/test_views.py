@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from ablations import views
-from ablations.designs import Cell
-from ablations.spec import parse_spec
-from ablations.tracking import (PROCESS_ID, StudyTracker, _strict_json, headline_metrics,
+from ablations.tracking.ui import views
+from ablations.design.designs import Cell
+from ablations.design.spec import parse_spec
+from ablations.tracking.tracker import (PROCESS_ID, StudyTracker, _strict_json, headline_metrics,
                                 run_name, run_tags)
 from model.train import TrainResult
 

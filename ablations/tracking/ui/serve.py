@@ -11,7 +11,7 @@ prints the addresses, it makes each study experiment open as a person wants to s
     the runs list) uses the layout the browser last picked, GenAI by default. Picking "Model
     training" at the top left once fixes that for the browser (on a run page it jumps to the
     runs list; Back returns to the run). The printed note says so;
-  * the saved views of ablations/views.py ("Study runs", "All attempts", "F1 by <factor>");
+  * the saved views of ablations/tracking/ui/views.py ("Study runs", "All attempts", "F1 by <factor>");
   * it prints, per study: the "Study runs" address, the latest report (report.md among the
     launch run's artifacts) and the chart view grouped by the first fix, then one per other
     factor: MLflow's group-by menu adds a key rather than switching to it, and picking a view
@@ -39,8 +39,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ablations import views
-from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url
+from ablations.tracking.ui import views
+from ablations.tracking.ui.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url
 
 HOST = "127.0.0.1"
 STUDY_TAG = "study.design"  # set on every study experiment by the launcher
@@ -235,7 +235,7 @@ def _check_exists(uri: str, flag: str, hint: str) -> None:
 def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
     """Factors and objective from the study's latest launch run, the longest child run name from
     its runs; None before any launch."""
-    from ablations.fixes import FIXES
+    from ablations.design.fixes import FIXES
 
     launch = views.latest_launch(client, experiment_id)
     if launch is None:

@@ -38,7 +38,7 @@ RUNS_KEY, ALL_KEY = "chorus-study-runs", "chorus-all-attempts"
 COUNTED = "tags.kind = 'run' and attributes.status = 'FINISHED'"  # what the analysis counts
 MAX_FACTOR_VIEWS = 8
 NAME_COL, DATE_COL = "attributes.`Run Name`", "runDateAndNestInfo"
-F1, DIVERGED = "final_val_f1", "diverged"  # headline metrics (ablations.tracking)
+F1, DIVERGED = "final_val_f1", "diverged"  # headline metrics (ablations.tracking.tracker)
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: "custom_model_development" = model training
 TRAINING_KIND = "custom_model_development"
 REPORT_PATH = "report/report.md"  # where the report lands among the launch run's artifacts
