@@ -498,24 +498,15 @@ def fig_half_normal(fit: fx.FactorialFit, out: Path) -> Optional[Path]:
     return p
 
 
-def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path,
-                  rep: Optional[Report] = None) -> Optional[str]:
-    """Attach the report folder to the study's latest launch (parent) run and write the verdicts
-    and a link to report.md into its description (and a link into the experiment's); launch
-    runs whose launcher died are closed first. Returns the run id (None: no launch run)."""
-    from ablations.tracking.tracker import StudyTracker
-
-    tracker = StudyTracker(tracking_uri, study)  # (None: MLflow's default store)
-    if tracker.experiment_id is None:
-        return None
-    verdicts, table, agreement, runs = [], "", "", 0
-    if rep is not None and not rep.verdicts.empty:
-        verdicts = list(zip(rep.verdicts["fix"], rep.verdicts["verdict"]))
-        table = analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "evidence"]])
-        agreement = analysis.critical_agreement(rep.verdicts)
-    if rep is not None:
-        runs = len(rep.runs)
-    return tracker.log_report(str(out_dir), verdicts, table, agreement, runs)
+def run_summary(rep: Report) -> tuple[list[tuple[str, str]], str, str, int]:
+    """What the launch run's description says of the report (the tracker writes it:
+    ablations.tracking.tracker.attach_report): (fix, verdict) pairs, the verdict table in
+    Markdown, the critical-agreement line, and the number of runs."""
+    if rep.verdicts.empty:
+        return [], "", "", len(rep.runs)
+    verdicts = list(zip(rep.verdicts["fix"], rep.verdicts["verdict"]))
+    table = analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "evidence"]])
+    return verdicts, table, analysis.critical_agreement(rep.verdicts), len(rep.runs)
 
 
 def verdict_lines(rep: Report) -> list[str]:

@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 from ablations.design import identity
 from ablations.design.fixes import FIXES
 from ablations.tracking.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
-from ablations.tracking.ui.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
+from ablations.tracking.names import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -355,6 +355,17 @@ class StudyTracker:
         params += [Param(f"fix.{k}", v) for k, v in fix_states(cfg).items()]
         tracking_retry(lambda: self.client.log_batch(child.run_id, params=params), "log params")
         return child
+
+
+def attach_report(tracking_uri: Optional[str], study: str, out_dir: str,
+                  verdicts: list[tuple[str, str]], table_md: str, agreement: str,
+                  runs: int) -> Optional[str]:
+    """Attach a report folder to the study's latest launch run (StudyTracker.log_report); None
+    when the study has no experiment or no launch run. `tracking_uri` None: MLflow's default."""
+    tracker = StudyTracker(tracking_uri, study)
+    if tracker.experiment_id is None:
+        return None
+    return tracker.log_report(out_dir, verdicts, table_md, agreement, runs)
 
 
 class ChildRun:

@@ -12,6 +12,7 @@ import pytest
 from ablations.results import analysis, report
 from ablations.engine.launch import launch
 from ablations.design.spec import parse_spec
+from ablations.tracking.tracker import attach_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"n_songs": 4, "frames": 128, "n_features": 8, "hidden_dim": 8, "n_blocks": 1,
@@ -73,7 +74,7 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     if not went:  # no empty figure: the report says why there is none
         assert "first_nonfinite" not in rep.figures and not (out / "first_nonfinite.png").exists()
         assert "No run went non-finite (8 runs): no figure." in md
-    parent = report.log_to_mlflow("tinyrep", uri, out, rep)
+    parent = attach_report(uri, "tinyrep", str(out), *report.run_summary(rep))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -93,7 +94,7 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     assert "8/8 runs done" in note  # the launch's own summary is kept below
     exp_note = client.get_experiment(exp_id).tags["mlflow.note.content"]
     assert link in exp_note  # and one click from the runs page
-    report.log_to_mlflow("tinyrep", uri, out, rep)  # again: the summary is not lost or doubled
+    attach_report(uri, "tinyrep", str(out), *report.run_summary(rep))  # again: the summary is not lost or doubled
     assert client.get_run(parent).data.tags["mlflow.note.content"] == note
 
 

@@ -6,7 +6,7 @@ Save as new view" writes: {"name", "createdAt", "updatedAt", "state"} with the s
 (filter, order) plus its UI state (columns, widths, grouping, chart cards). Opening
 `#/experiments/ID/runs?viewStateShareKey=<key>` applies it; `compareRunsMode=CHART` in the same
 URL opens the chart view instead of the table. Read off MLflow 3.17's UI bundle and checked in a
-browser (tests/test_ui_browser.py):
+browser (tests/tracking/ui/test_ui_browser.py):
 
   * "Study runs": the counted runs only (FINISHED child runs: what the analysis counts), one row
     each, sorted by cell so the seeds of a cell sit together; columns status, the objective
@@ -32,6 +32,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Optional
 
+# (the tracker writes these too; they live in the tracking layer, which never imports the UI)
+from ablations.tracking.names import (KIND_TAG, REPORT_PATH, TRAINING_KIND,  # noqa: F401
+                                      artifact_url, latest_launch)
+
 VIEW_VERSION = 2  # bump when the states below change: unedited older views are rewritten
 PREFIX = "mlflow.sharedViewState."
 RUNS_KEY, ALL_KEY = "chorus-study-runs", "chorus-all-attempts"
@@ -39,25 +43,6 @@ COUNTED = "tags.kind = 'run' and attributes.status = 'FINISHED'"  # what the ana
 MAX_FACTOR_VIEWS = 8
 NAME_COL, DATE_COL = "attributes.`Run Name`", "runDateAndNestInfo"
 F1, DIVERGED = "final_val_f1", "diverged"  # headline metrics (ablations.tracking.tracker)
-KIND_TAG = "mlflow.experimentKind"  # MLflow 3: "custom_model_development" = model training
-TRAINING_KIND = "custom_model_development"
-REPORT_PATH = "report/report.md"  # where the report lands among the launch run's artifacts
-
-
-def artifact_url(experiment_id: str, run_id: str, path: str) -> str:
-    """The UI route (hash part) of a run's artifact, opened in the model-training layout (a run
-    page without `workflowType` shows the GenAI layout until the user picks one)."""
-    return (f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
-            f"?workflowType=machine_learning")
-
-
-def latest_launch(client, experiment_id: str, with_report: bool = False):
-    """The study's most recent launch run (None if none); `with_report`: the most recent one a
-    report was logged to."""
-    where = "tags.kind = 'launch'" + (f" and tags.report = '{REPORT_PATH}'" if with_report else "")
-    runs = client.search_runs([experiment_id], where, max_results=1,
-                              order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
 
 
 @dataclass(frozen=True)
