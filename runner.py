@@ -202,11 +202,12 @@ def _print_summary(spec, summary: list[dict]) -> None:
 def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
     """Write the report; a failure here never loses the study's results (they are stored)."""
     from ablations.results import analysis, report
+    from ablations.tracking.tracker import attach_report
 
     try:
         rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_cells(spec_path),
                                   design=spec.design, objective=spec.objective_metric)
-        parent = report.log_to_mlflow(spec.name, tracking_uri, out, rep)
+        parent = attach_report(tracking_uri, spec.name, str(out), *report.run_summary(rep))
     except Exception as e:  # noqa: BLE001 - reported in one line, results are safe
         print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
         return False
@@ -289,27 +290,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.local_workers < 1:
         raise _BadInput(f"--local-workers {args.local_workers}: must be >= 1")
     spec = _load_spec(args.study)
-    from ablations.engine.launch import join, threads_per_worker
-    from ablations.engine.progress import Progress, count_done, study_status
+    from ablations.engine.launch import join_and_work, threads_per_worker
     from ablations.tracking.retry import StoreError
-    from ablations.engine.storage import open_storage
-    from ablations.engine.study import load_study, plan_of
-    from ablations.engine.worker import work
 
     _sigterm_is_ctrl_c()
     try:
-        ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
-                   threads=args.threads or threads_per_worker(args.local_workers),
-                   wait=not args.no_wait, ensemble=args.ensemble)
-        st = study_status(spec, args.storage)
-        print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
-              f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
-              + (f", device {ctx.device}" if ctx.device else ""), flush=True)
-        study = load_study(spec, open_storage(args.storage))
-        plan = plan_of(spec)
-        progress = Progress(total=st["total"] or 0, already=st["done"],
-                            done_fn=lambda: count_done(study, plan))
-        n = work(ctx, on_done=progress)
+        n = join_and_work(spec, args.storage, args.tracking_uri, device=_device(args.device),
+                          threads=args.threads or threads_per_worker(args.local_workers),
+                          wait=not args.no_wait, ensemble=args.ensemble)
     except StoreError as e:
         raise _BadInput(str(e)) from None
     except KeyboardInterrupt:

@@ -23,12 +23,12 @@ from optuna.trial import TrialState
 
 from ablations.design import designs
 from ablations.engine.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
-from ablations.engine.progress import Progress, summarize
+from ablations.engine.progress import Progress, count_done, study_status, summarize
 from ablations.engine.queue import close_orphans, plan_state, reconcile
 from ablations.design.spec import StudySpec
 from ablations.tracking.retry import StoreError
-from ablations.engine.storage import finished_trial_ids, handles, queue_lock, safe_url
-from ablations.engine.study import check_joinable, check_tracking, open_study, plan_of
+from ablations.engine.storage import finished_trial_ids, handles, open_storage, queue_lock, safe_url
+from ablations.engine.study import check_joinable, check_tracking, load_study, open_study, plan_of
 from ablations.engine.torch_setup import child_env
 from ablations.engine.worker import WorkerContext, work, worker_process
 
@@ -133,6 +133,25 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
                          parent_run_id=launch_run.info.run_id if launch_run else None,
                          threads=threads, device=device, wait=wait, ensemble=ensemble)
 
+
+
+def join_and_work(spec: StudySpec, storage_url: str, tracking_uri: str,
+                  device: Optional[str] = None, threads: Optional[int] = None, wait: bool = True,
+                  ensemble: str = "auto") -> int:
+    """`runner.py worker`: join the study, say where it stands, then work it until no run is left;
+    the progress line counts the study's finished runs wherever they ran. Returns the runs
+    executed here."""
+    ctx = join(spec, storage_url, tracking_uri, device=device, threads=threads, wait=wait,
+               ensemble=ensemble)
+    st = study_status(spec, storage_url)
+    print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
+          f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
+          + (f", device {ctx.device}" if ctx.device else ""), flush=True)
+    study = load_study(spec, open_storage(storage_url))
+    plan = plan_of(spec)
+    progress = Progress(total=st["total"] or 0, already=st["done"],
+                        done_fn=lambda: count_done(study, plan))
+    return work(ctx, on_done=progress)
 
 def worker_context(ctx: WorkerContext, i: int) -> WorkerContext:
     """Local worker i's context: with --device cuda:0,cuda:1 the workers take the devices in

@@ -27,12 +27,12 @@ from ablations.design import designs, identity
 from ablations.design.designs import Cell
 from ablations.engine.queue import WORKER_ID, requeue, tell_failed
 from ablations.design.spec import StudySpec
+from ablations.engine.context import WorkerContext
 from ablations.tracking.retry import StoreUnavailable, describe_error, is_outage
 from model.config import TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `status` and the queue need neither torch nor MLflow
     from ablations.tracking.tracker import StudyTracker
-    from ablations.engine.worker import WorkerContext
     from model.train import TrainResult
 
 

@@ -13,32 +13,15 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import optuna
 
 from ablations.engine import queue, trial as trials
-from ablations.design.spec import StudySpec
+from ablations.engine.context import WorkerContext  # noqa: F401 - launch and tests build it from here
 from ablations.tracking.retry import StoreUnavailable
 from ablations.engine.storage import heartbeat_s, open_storage, rdb, trial_id_of
 from ablations.engine.study import load_study, plan_of
-
-
-@dataclass(frozen=True)
-class WorkerContext:
-    """Everything a worker process needs (picklable)."""
-
-    spec: StudySpec
-    storage_url: str
-    tracking_uri: str
-    parent_run_id: Optional[str]
-    deadline: Optional[float] = None  # time.time() after which no new run starts
-    threads: Optional[int] = None  # torch threads (workers on one machine split the cores)
-    device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
-    wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
-    announce_wait: bool = True  # say so (not for local workers: siblings finishing is normal)
-    ensemble: str = "auto"  # seeds of a cell as one vectorised ensemble: auto (CUDA only) | on | off
 
 
 class Heartbeat:

@@ -13,7 +13,7 @@ from ablations.engine import trial as trial_module
 from ablations.design.spec import load_spec
 from ablations.engine.worker import WorkerContext
 from model.config import TrainConfig
-from test_execute import GRID_2X2, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
+from test_study_engine import GRID_2X2, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
 OUTCOMES = ("final_train_loss", "final_val_loss", "final_val_f1", "max_grad_norm", "init_loss")
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import pytest
-from test_execute import CountingTrain, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
+from test_study_engine import CountingTrain, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
 from ablations.engine import trial as trial_module
 from ablations.results import analysis, report
