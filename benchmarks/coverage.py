@@ -13,7 +13,7 @@ Planted truths, simulated many times, analysed by the report's own functions:
   4. missing runs: a randomly dropped run is never counted as stable.
 
     python benchmarks/coverage.py            # the long version (a few minutes), a table per check
-    python benchmarks/coverage.py --quick    # the sizes the tests use (tests/test_coverage.py)
+    python benchmarks/coverage.py --quick    # the sizes the tests use (tests/results/test_coverage.py)
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ max relative difference up to step 10 / 40 / 80 / 160 / 320:
 So "bit-identical" holds for one kernel at one thread count only; after ~100 steps the
 trajectories of the same run on 1 and 2 threads decorrelate just as far as the ensemble's do.
 What the ensemble guarantees: every member's curves agree with its separate run to <= 1e-5
-relative while training is not chaotic (checked on 10-step runs by tests/test_ensemble.py:
+relative while training is not chaotic (checked on 10-step runs by tests/model/test_ensemble.py:
 measured <= 2e-7; fixed and broken recipes, BatchNorm, dropout, clipping, a member that
 diverges, every non-finite policy), with the same events at the same steps and the same
 statuses; over a long run, the same outcome as a rerun of that run on another thread count or

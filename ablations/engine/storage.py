@@ -24,7 +24,7 @@ the engine is SQLite on one machine or PostgreSQL/MySQL shared by many. What thi
     trial on each call (its cache keeps finished ones only): seconds per call with thousands of
     runs queued. `adopt_trial` tells Optuna's cache about a trial claimed that way.
     These and enqueue_trials are the one place that reads Optuna's tables (its SQLAlchemy
-    models) and its cache's internals directly; tests/test_storage.py checks them against
+    models) and its cache's internals directly; tests/engine/test_storage.py checks them against
     Optuna's own calls.
 
 Heartbeat timing is read from the environment when a storage is opened (integers, seconds):
@@ -150,7 +150,7 @@ class RetryingRDBStorage(RDBStorage):
 
         The rows are those `Study.enqueue_trial(params, user_attrs=...)` writes: a WAITING trial
         numbered after the study's last one, a system attribute `fixed_params`, the user
-        attributes (JSON, as Optuna stores them); tests/test_storage.py compares the two. The
+        attributes (JSON, as Optuna stores them); tests/engine/test_storage.py compares the two. The
         study's row is locked FOR UPDATE as Optuna does when it numbers a new trial, so numbers
         stay unique beside other writers (PostgreSQL; SQLite allows one writer at a time).
         All or nothing: a retry after a fault that may have committed first looks for the first

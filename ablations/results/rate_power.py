@@ -20,7 +20,7 @@ paired_power); the 3-d multinomial enumeration serves rho != 0 and checks the 2-
 cut each count to its binomial marginal less tails under 1e-10 and drop outcomes under 1e-14
 of probability: about 1e-6 of probability at most, far below the 0.1-point grid of `plan`. The
 intervals are computed in numpy with the same operations as statsmodels' Wilson interval and
-rates.newcombe_paired / newcombe_indep (checked equal in tests/test_rate_power.py).
+rates.newcombe_paired / newcombe_indep (checked equal in tests/results/test_rate_power.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How a study reads in the MLflow UI, without a browser: run names, headline metrics, strict
 JSON, the saved views' states, when a view is (re)written, stale launches closed.
 
-The browser side (the views drawn, the bars, the description) is tests/test_ui_browser.py."""
+The browser side (the views drawn, the bars, the description) is tests/tracking/ui/test_ui_browser.py."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ the UI with no process left behind. Screenshots go to the test's tmp dir (printe
 to $CHORUS_SCREENSHOTS.
 
 The tests that need the study are marked slow (run them with `pytest -m slow
-tests/test_ui_browser.py`, as `.ci/run` does); the one-line-error tests stay in the default run.
+tests/tracking/ui/test_ui_browser.py`, as `.ci/run` does); the one-line-error tests stay in the default run.
 The browser tests skip, with the reason, where /usr/bin/chromium or the playwright package is
 missing (a user's machine); `.ci/install_browser` installs Chromium for CI. The MLflow UI is a
 React app that can take 10-30 s to first render on 2 busy cores: every wait is for an element,
@@ -59,7 +59,7 @@ needs_browser = pytest.mark.skipif(
 # on a 2-core machine shared with other work, 7 min when it was busy (two `runner.py run`
 # processes import torch/MLflow, the 32 runs train once, one more after the kill, the report is
 # written; the UI takes ~10 s to answer). Hence slow: `.ci/run` runs them with
-# `pytest -m slow tests/test_ui_browser.py`.
+# `pytest -m slow tests/tracking/ui/test_ui_browser.py`.
 slow = pytest.mark.slow
 linux_only = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(),
                                 reason="process checks read /proc")
