@@ -50,7 +50,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models  # enqueue_trials only (the tables Optuna itself writes)
 from optuna.trial import FrozenTrial, TrialState
 
-# The retry loop and error classes: ablations/tracking/retry.py (tracking.py shares them).
+# The retry loop and error classes: ablations/tracking/retry.py (the MLflow tracker shares them).
 from ablations.tracking.retry import (StoreError, env_seconds, is_dropped, retry_budget_s,
                              tracking_retry_budget_s, with_retry)
 

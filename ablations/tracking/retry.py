@@ -1,6 +1,6 @@
 """Waiting out a store's transient faults: which errors are worth a retry, and the retry loop.
 
-Shared by the Optuna storage (`storage.py`) and the MLflow tracking store (`tracking.py`); each
+Shared by the Optuna storage (`engine/storage.py`) and the MLflow tracker (`tracking/tracker.py`); each
 passes its own classifier and time budget to `with_retry`:
 
   * storage: `is_transient` (a locked SQLite database, a dropped or refused PostgreSQL/MySQL
