@@ -394,3 +394,11 @@ def resolve_device(spec: str) -> str:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {spec!r} asked for but CUDA is not available here; use auto or cpu")
     return spec
+
+
+def cuda_index(device: "str | torch.device") -> int:  # noqa: F821 (torch: imported lazily)
+    """The CUDA device index of `device` ("cuda" means the current one)."""
+    import torch
+
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
