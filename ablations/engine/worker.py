@@ -18,7 +18,8 @@ from typing import Any, Callable
 import optuna
 
 from ablations.engine import queue, trial as trials
-from ablations.engine.context import WorkerContext  # noqa: F401 - launch and tests build it from here
+# (launch and the tests build a WorkerContext from here)
+from ablations.engine.context import WorkerContext  # noqa: F401
 from ablations.tracking.retry import StoreUnavailable
 from ablations.engine.storage import heartbeat_s, open_storage, rdb, trial_id_of
 from ablations.engine.study import load_study, plan_of

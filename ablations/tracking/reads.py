@@ -52,10 +52,11 @@ def finished_runs(study: str, tracking_uri: Optional[str] = None,
     """One row per run of the study: factors, seed, status, outcome metrics as logged (the
     analysis derives its outcome columns from them: ablations.results.analysis.load_runs).
 
-    `plan` ((cell, seed) pairs of the current study file, see ablations.results.analysis.plan_cells) keeps only those:
-    cells or seeds dropped from the file are then left out. Matching is by cell and seed, not by
-    run_key, so runs made before a code change that added a TrainConfig field still count; of
-    several runs of one cell x seed (e.g. after editing `base:`), the latest counts.
+    `plan` ((cell, seed) pairs of the current study file: ablations.results.analysis.plan_cells)
+    keeps only those: cells or seeds dropped from the file are then left out. Matching is by
+    cell and seed, not by run_key, so runs made before a code change that added a TrainConfig
+    field still count; of several runs of one cell x seed (e.g. after editing `base:`), the
+    latest counts.
 
     Columns: run_id, run_key, cell, cell_id, seed, status, roles, first_nonfinite_where,
     start_time, one column per factor (bool for fixes), and the `outcome/` metrics without the
