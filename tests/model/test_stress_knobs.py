@@ -14,6 +14,7 @@ from ablations.design.designs import config_key
 from ablations.design.fixes import recipe
 from model.config import ConfigError, TrainConfig
 from model.data import make_data
+import model.train as train_mod
 from model.train import build_optimizer, lr_factor, train
 
 TINY = dict(n_songs=8, frames=64, batch_size=4, epochs=1, steps_per_epoch=6, device="cpu")
@@ -28,10 +29,32 @@ def cfg(**kw) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------ precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def conv_dtypes(monkeypatch) -> set:
+    """The dtypes the model's convolutions compute in during train(): a run that silently fell
+    back to fp32 would pass every finite-ness check, so the precision tests look at these."""
+    seen: set = set()
+    real = train_mod.build_model
+
+    def build(c, n_features):
+        model = real(c, n_features)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv1d):
+                m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+    return seen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_each_precision_trains_finite_at_the_defaults(precision, device):
+def test_each_precision_trains_finite_at_the_defaults(precision, device, conv_dtypes):
     res = train(cfg(precision=precision, device=device))
+    assert conv_dtypes == {DTYPES[precision]}  # autocast really ran in that precision
     assert res.status in ("converged", "collapsed")  # 6 steps: learning is not the point
     assert res.nonfinite_events == 0 and math.isfinite(res.final_val_loss)
     assert math.isfinite(res.init_loss)
@@ -69,9 +92,10 @@ def test_real_fp16_overflow_is_caught_localised_and_counted(device):
     assert train(cfg(features="power", input_norm=False, nonfinite="stop")).nonfinite_events == 0
 
 
-def test_bf16_has_fp32_range():
+def test_bf16_has_fp32_range(conv_dtypes):
     """The input that overflows fp16 stays finite in bf16 (8 exponent bits, like fp32)."""
     res = train(cfg(precision="bf16", features="power", input_norm=False, nonfinite="stop"))
+    assert conv_dtypes == {torch.bfloat16}  # computed in bf16, not quietly in fp32
     assert res.nonfinite_events == 0
 
 
