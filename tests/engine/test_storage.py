@@ -313,6 +313,7 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
     assert progress.count_done(study, plan_of(spec)) == 2
 
 
+@pytest.mark.optuna_version_free
 def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     q = Queued(tmp_path, "nowait")
@@ -343,6 +344,7 @@ def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, mo
 
 
 # ------------------------------------------------------------------------------ tracking
+@pytest.mark.optuna_version_free
 def test_a_failed_flush_keeps_the_buffer_and_the_retry_writes_it_once(tmp_path, monkeypatch,
                                                                       capsys):
     monkeypatch.chdir(tmp_path)
@@ -391,6 +393,7 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     (["--device", "cuda:x"], "--device cuda:x: must be auto, cpu, cuda or cuda:N"),
     (["--threads", "0"], "--threads 0: must be >= 1"),
 ])
+@pytest.mark.optuna_version_free
 def test_worker_bad_input_is_one_line_before_any_training(tmp_path, args, expect):
     (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
     t0 = time.monotonic()
@@ -399,6 +402,7 @@ def test_worker_bad_input_is_one_line_before_any_training(tmp_path, args, expect
     assert time.monotonic() - t0 < 60  # no minutes of retries on a store that is not there
 
 
+@pytest.mark.optuna_version_free
 def test_run_with_no_workers_only_queues(tmp_path):
     (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
     p = runner(tmp_path, "run", "cli.yaml", "--workers", "0")
@@ -478,6 +482,7 @@ def test_postgres_study_runs_in_process(pg_url, tmp_path, monkeypatch):
     assert again.done == 2 and len(optuna.load_study(study_name="pgs", storage=pg_url).get_trials()) == 2
 
 
+@pytest.mark.optuna_version_free
 def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path, monkeypatch):
     """`--device` changes the device every run trains on (recorded in MLflow), never the run's
     identity: the run keys, and so what counts as done, stay those of the study file."""
@@ -495,6 +500,7 @@ def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path
     assert all(":" in r.data.tags["worker"] for r in runs)
 
 
+@pytest.mark.optuna_version_free
 def test_worker_device_cuda_without_cuda_is_one_line(tmp_path):
     import torch
 
@@ -505,6 +511,7 @@ def test_worker_device_cuda_without_cuda_is_one_line(tmp_path):
     assert "--device cuda:1: 'cuda:1' asked for but CUDA is not available here" in line
 
 
+@pytest.mark.optuna_version_free
 def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
     """A scheduler pre-empting a job sends SIGTERM: the run in flight is re-queued at once (not
     after the heartbeat grace period) and its MLflow run marked KILLED; exit code 130."""
@@ -536,6 +543,7 @@ def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
     assert client.get_run(stopped[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+@pytest.mark.optuna_version_free
 def test_run_shares_a_device_list_out_between_its_local_workers():
     ctx = worker.WorkerContext(spec=None, storage_url="", tracking_uri="", parent_run_id=None,
                                 device="cuda:0,cuda:1")

@@ -362,6 +362,7 @@ def broken_bias(cfg) -> bool:
     return cfg.classifier_bias == (0.02, 0.0)
 
 
+@pytest.mark.optuna_version_free
 def test_a_run_that_always_crashes_is_given_up_after_its_retries(stores, monkeypatch):
     spec = load_spec(write_study(stores.dir, "retry", ONE_FIX + "retries: 1\n"))
     counting = CountingTrain(
@@ -418,6 +419,7 @@ def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
 
 
+@pytest.mark.optuna_version_free
 def test_no_retries_means_one_attempt(stores, monkeypatch):
     spec = load_spec(write_study(stores.dir, "noretry", ONE_FIX + "retries: 0\n"))
     monkeypatch.setattr(trial_module, "train", CountingTrain(
@@ -428,6 +430,7 @@ def test_no_retries_means_one_attempt(stores, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- divergence
+@pytest.mark.optuna_version_free
 @pytest.mark.parametrize("objective,worst", [("final_val_f1", 0.0), ("final_val_loss", math.inf)])
 def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, worst):
     spec = load_spec(write_study(stores.dir, f"diverge_{objective}",
