@@ -13,8 +13,8 @@ from ablations.engine import trial as trial_module
 from ablations.design.spec import load_spec
 from ablations.engine.worker import WorkerContext
 from model.config import TrainConfig
-from test_study_engine import GRID_2X2, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("workers_one_thread")
 OUTCOMES = ("final_train_loss", "final_val_loss", "final_val_f1", "max_grad_norm", "init_loss")
 
 
@@ -43,16 +43,16 @@ def complete_by_key(stores, spec) -> dict:
 
 
 @pytest.fixture
-def two_stores(tmp_path, monkeypatch, mlflow_template):  # noqa: F811
+def two_stores(make_stores, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    return Stores(tmp_path / "a", mlflow_template), Stores(tmp_path / "b", mlflow_template)
+    return make_stores(tmp_path / "a"), make_stores(tmp_path / "b")
 
 
-def test_an_ensemble_study_equals_the_same_study_run_by_run(two_stores, monkeypatch, tmp_path):
+def test_an_ensemble_study_equals_the_same_study_run_by_run(tiny_study, two_stores, monkeypatch, tmp_path):
     together, apart = two_stores
-    spec = load_spec(write_study(tmp_path, "ens", GRID_2X2))
+    spec = load_spec(tiny_study(tmp_path, "ens"))
     groups = Groups()
     monkeypatch.setattr(model.ensemble, "train_ensemble", groups)
     res_on, _ = together.launch(spec, ensemble="on")
@@ -81,10 +81,10 @@ def test_an_ensemble_study_equals_the_same_study_run_by_run(two_stores, monkeypa
     assert steps == [6] * 8
 
 
-def test_an_interrupted_ensemble_requeues_every_member_and_resumes(two_stores, monkeypatch,
+def test_an_interrupted_ensemble_requeues_every_member_and_resumes(tiny_study, two_stores, monkeypatch,
                                                                    tmp_path):
     stores, _ = two_stores
-    spec = load_spec(write_study(tmp_path, "ens_int", GRID_2X2))
+    spec = load_spec(tiny_study(tmp_path, "ens_int"))
     monkeypatch.setattr(model.ensemble, "train_ensemble", Groups(raise_first=KeyboardInterrupt()))
     res, _ = stores.launch(spec, ensemble="on")
     assert res.interrupted
@@ -99,9 +99,9 @@ def test_an_interrupted_ensemble_requeues_every_member_and_resumes(two_stores, m
     assert res.done == 8 and len(complete_by_key(stores, spec)) == 8
 
 
-def test_a_crashed_ensemble_uses_one_retry_of_each_member(two_stores, monkeypatch, tmp_path):
+def test_a_crashed_ensemble_uses_one_retry_of_each_member(tiny_study, two_stores, monkeypatch, tmp_path):
     stores, _ = two_stores
-    spec = load_spec(write_study(tmp_path, "ens_crash", GRID_2X2 + "retries: 1\n"))
+    spec = load_spec(tiny_study(tmp_path, "ens_crash", "retries: 1\n"))
     groups = Groups(raise_first=RuntimeError("boom"))
     monkeypatch.setattr(model.ensemble, "train_ensemble", groups)
     res, _ = stores.launch(spec, ensemble="on")
@@ -126,8 +126,8 @@ class FakeTrial:
     ("on", None, "fp32", 3),
     ("on", None, "fp16", 1),  # not vectorised (GradScaler): trained one at a time
 ])
-def test_ensemble_size(tmp_path, mode, device, precision, size):
-    spec = load_spec(write_study(tmp_path, "sz", "design: full_factorial\nfactors:\n"
+def test_ensemble_size(tiny_study, tmp_path, mode, device, precision, size):
+    spec = load_spec(tiny_study(tmp_path, "sz", "design: full_factorial\nfactors:\n"
                                  "  bias_init: [off, on]\nseeds: 3\n"))
     ctx = WorkerContext(spec, "sqlite://", "sqlite://", None, device=device, ensemble=mode)
     cfg = TrainConfig(precision=precision, device="cpu")

@@ -7,13 +7,13 @@ import hashlib
 import json
 
 import pytest
-from test_study_engine import CountingTrain, Stores, mlflow_template, one_torch_thread, write_study  # noqa: F401
 
 from ablations.engine import trial as trial_module
 from ablations.results import analysis, report
 from ablations.design import designs
 from ablations.design.spec import load_spec
 
+pytestmark = pytest.mark.usefixtures("workers_one_thread")
 STRESS = """\
 design: one_at_a_time
 factors:
@@ -27,10 +27,10 @@ seeds: 1
 
 
 @pytest.fixture(scope="module")
-def stress_study(tmp_path_factory, mlflow_template):  # noqa: F811
+def stress_study(tiny_study, make_stores, tmp_path_factory):
     d = tmp_path_factory.mktemp("stress")
-    st = Stores(d, mlflow_template)
-    spec = load_spec(write_study(d, "stress", STRESS, "features: power, feature_scale: 100"))
+    st = make_stores(d)
+    spec = load_spec(tiny_study(d, "stress", STRESS, "features: power, feature_scale: 100"))
     res, out = st.launch(spec)
     rep = report.write_report(spec.name, st.tracking, d / "report",
                               analysis.plan_cells(str(spec.source)))
@@ -74,9 +74,9 @@ def _key_before_upgrade(cfg) -> str:
                           ).hexdigest()[:12]
 
 
-def test_a_study_finished_before_fields_were_added_resumes_with_nothing_rerun(
+def test_a_study_finished_before_fields_were_added_resumes_with_nothing_rerun(tiny_study, counting_train, 
         stores, monkeypatch):
-    spec = load_spec(write_study(stores.dir, "upgrade", """\
+    spec = load_spec(tiny_study(stores.dir, "upgrade", """\
 design: full_factorial
 factors:
   plain_residual: [off, on]
@@ -86,17 +86,11 @@ seeds: 2
         mp.setattr(designs, "config_key", _key_before_upgrade)
         first, _ = stores.launch(spec)
     assert first.done == 4
-    counting = CountingTrain()
+    counting = counting_train()
     monkeypatch.setattr(trial_module, "train", counting)
     second, out = stores.launch(spec)
     assert second.done == 4 and counting.calls == []
     assert "(4 done" in out
-
-
-@pytest.fixture
-def stores(tmp_path, monkeypatch, mlflow_template) -> Stores:  # noqa: F811
-    monkeypatch.chdir(tmp_path)
-    return Stores(tmp_path, mlflow_template)
 
 
 @pytest.mark.slow

@@ -5,12 +5,10 @@ takes a fraction of a second; what costs time is the stores. An empty, migrated 
 is made once per module and copied (MLflow's schema migrations take ~5 s per fresh database).
 """
 
-import contextlib
 import csv
 import io
 import json
 import math
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -18,72 +16,23 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ablations.design import designs
 from ablations.engine import progress, queue
 from ablations.engine import trial as trial_module
-from ablations.engine.launch import launch
 from ablations.engine.storage import open_storage
 from ablations.engine.study import load_study, plan_of
 from ablations.design.spec import load_spec
 from model.config import TrainConfig
 from model.train import train as real_train
 
-TINY_BASE = ("{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 2, "
-             "steps_per_epoch: 3, batch_size: 8, device: cpu}")
-EPOCHS, STEPS_PER_EPOCH = 2, 3
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS, STEPS_PER_EPOCH = 2, 3  # the tiny study's (tests/conftest.py)
 DIVERGE = "optimizer: sgd, lr: 1e6, grad_clip: null, nonfinite: stop"
 
-GRID_2X2 = """\
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-  lr: [1e-4, 3e-3]
-seeds: 2
-"""
-
-
-# ------------------------------------------------------------------------------- helpers
-def write_study(d: Path, name: str, body: str, base_extra: str = "") -> Path:
-    base = TINY_BASE if not base_extra else TINY_BASE[:-1] + ", " + base_extra + "}"
-    path = d / f"{name}.yaml"
-    path.write_text(f"name: {name}\n{body}base: {base}\n")
-    return path
-
-
-class Stores:
-    """An Optuna storage and an MLflow tracking store in one directory."""
-
-    def __init__(self, d: Path, template: Path):
-        self.dir = d
-        shutil.copy(template, d / "mlflow.db")
-        self.storage = f"sqlite:///{d}/optuna.db"
-        self.tracking = f"sqlite:///{d}/mlflow.db"
-        with contextlib.chdir(d):  # MLflow fixes a store's ./mlruns when it first opens it
-            self.client = MlflowClient(self.tracking)
-            self.client.search_experiments(max_results=1)
-
-    def launch(self, spec, **kw):
-        out = io.StringIO()
-        with contextlib.chdir(self.dir):  # MLflow's ./mlruns artifacts land here
-            res = launch(spec, storage_url=self.storage, tracking_uri=self.tracking,
-                                 out=out, **kw)
-        return res, out.getvalue()
-
-    def trials(self, spec) -> list:
-        return optuna.load_study(study_name=spec.name, storage=self.storage).get_trials()
-
-    def runs(self, spec, kind: str) -> list:
-        exp = self.client.get_experiment_by_name(spec.name)
-        return self.client.search_runs([exp.experiment_id], f"tags.kind = '{kind}'",
-                                       max_results=1000)
-
-    def text(self, run_id: str, path: str) -> str:
-        dst = self.dir / "downloads" / run_id
-        dst.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, path, str(dst))).read_text()
+# (the 2 x 2 study with 2 seeds the grid tests launch is the tiny study as it comes)
+pytestmark = pytest.mark.usefixtures("workers_one_thread")
 
 
 def by_run_key(trials) -> dict:
@@ -93,56 +42,30 @@ def by_run_key(trials) -> dict:
     return out
 
 
-class CountingTrain:
-    """Stands in for ablations.engine.trial.train: counts calls, can fail chosen calls."""
+def test_the_tiny_study_is_quick_yaml_shrunk(tiny_study, tmp_path):
+    from ablations.design import designs
+    from ablations.design.spec import load_spec
 
-    def __init__(self, fail=None):
-        self.calls = []
-        self.fail = fail  # (call number, cfg) -> exception to raise, or None
-
-    def __call__(self, cfg, *args, **kwargs):
-        self.calls.append(cfg)
-        exc = self.fail(len(self.calls), cfg) if self.fail else None
-        if exc is not None:
-            raise exc
-        return real_train(cfg, *args, **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """work() sets torch's threads to cores // workers, overriding conftest's one thread; on a
-    busy 2-core machine one thread is several times faster and far steadier for tiny models."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "set_num_threads", lambda n: None)
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("mlflow_template")
-    with contextlib.chdir(d):
-        MlflowClient(f"sqlite:///{d}/mlflow.db").search_experiments(max_results=1)
-    return d / "mlflow.db"
-
-
-@pytest.fixture
-def stores(tmp_path, monkeypatch, mlflow_template) -> Stores:
-    monkeypatch.chdir(tmp_path)
-    return Stores(tmp_path, mlflow_template)
+    quick = load_spec(ROOT / "studies" / "quick.yaml")
+    tiny = load_spec(tiny_study(tmp_path, "t"))
+    assert (tiny.design, tiny.baseline, tiny.objective_metric) == (
+        quick.design, quick.baseline, quick.objective_metric)
+    assert [f.name for f in tiny.factors] == [f.name for f in quick.factors][:2]
+    assert len(designs.runs(tiny)) == 2 * 2 * len(quick.seeds)
+    run = designs.runs(tiny)[0].config
+    assert (run.epochs, run.steps_per_epoch, run.n_songs) == (EPOCHS, STEPS_PER_EPOCH, 4)
+    mine = load_spec(tiny_study(tmp_path, "u", "factors: {lr: [1e-4, 3e-3]}\nseeds: [0]\n",
+                                "dropout: 0.2"))
+    assert [f.name for f in mine.factors] == ["lr"] and list(mine.seeds) == [0]
+    assert designs.runs(mine)[0].config.dropout == 0.2
 
 
 # ------------------------------------------------------------------- a 2x2 study, launched
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, mlflow_template):
+def grid(tmp_path_factory, make_stores, tiny_study):
     d = tmp_path_factory.mktemp("grid")
-    st = Stores(d, mlflow_template)
-    spec = load_spec(write_study(d, "grid2x2", GRID_2X2))
+    st = make_stores(d)
+    spec = load_spec(tiny_study(d, "grid2x2"))
     first, out1 = st.launch(spec)
     launches_after_first = st.runs(spec, "launch")
     children_after_first = st.runs(spec, "run")
@@ -279,11 +202,11 @@ def test_grid_relaunch_is_a_noop(grid):
 
 # ---------------------------------------------------------------- interrupt, then resume
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, mlflow_template):
+def resumed(tmp_path_factory, make_stores, tiny_study, counting_train):
     d = tmp_path_factory.mktemp("resume")
-    st = Stores(d, mlflow_template)
-    spec = load_spec(write_study(d, "resume2x2", GRID_2X2))
-    counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n == 3 else None)
+    st = make_stores(d)
+    spec = load_spec(tiny_study(d, "resume2x2"))
+    counting = counting_train(fail=lambda n, cfg: KeyboardInterrupt() if n == 3 else None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trial_module, "train", counting)
         first, _ = st.launch(spec)
@@ -363,9 +286,9 @@ def broken_bias(cfg) -> bool:
 
 
 @pytest.mark.optuna_version_free
-def test_a_run_that_always_crashes_is_given_up_after_its_retries(stores, monkeypatch):
-    spec = load_spec(write_study(stores.dir, "retry", ONE_FIX + "retries: 1\n"))
-    counting = CountingTrain(
+def test_a_run_that_always_crashes_is_given_up_after_its_retries(tiny_study, counting_train, stores, monkeypatch):
+    spec = load_spec(tiny_study(stores.dir, "retry", ONE_FIX + "retries: 1\n"))
+    counting = counting_train(
         fail=lambda n, cfg: RuntimeError("boom: verse-biased") if broken_bias(cfg) else None)
     monkeypatch.setattr(trial_module, "train", counting)
     r, out = stores.launch(spec)
@@ -398,8 +321,8 @@ def test_a_run_that_always_crashes_is_given_up_after_its_retries(stores, monkeyp
     assert len(stores.trials(spec)) == 3
 
 
-def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
-    spec = load_spec(write_study(stores.dir, "flaky", ONE_FIX))
+def test_a_flaky_run_is_retried_and_completes(tiny_study, counting_train, stores, monkeypatch):
+    spec = load_spec(tiny_study(stores.dir, "flaky", ONE_FIX))
     failed = []
 
     def fail(n, cfg):
@@ -408,7 +331,7 @@ def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
             return RuntimeError("flaky once")
         return None
 
-    monkeypatch.setattr(trial_module, "train", CountingTrain(fail=fail))
+    monkeypatch.setattr(trial_module, "train", counting_train(fail=fail))
     r, _ = stores.launch(spec)
     assert (r.total, r.done, r.gave_up, r.interrupted) == (2, 2, 0, False)
     trials = stores.trials(spec)
@@ -420,9 +343,9 @@ def test_a_flaky_run_is_retried_and_completes(stores, monkeypatch):
 
 
 @pytest.mark.optuna_version_free
-def test_no_retries_means_one_attempt(stores, monkeypatch):
-    spec = load_spec(write_study(stores.dir, "noretry", ONE_FIX + "retries: 0\n"))
-    monkeypatch.setattr(trial_module, "train", CountingTrain(
+def test_no_retries_means_one_attempt(tiny_study, counting_train, stores, monkeypatch):
+    spec = load_spec(tiny_study(stores.dir, "noretry", ONE_FIX + "retries: 0\n"))
+    monkeypatch.setattr(trial_module, "train", counting_train(
         fail=lambda n, cfg: RuntimeError("boom") if broken_bias(cfg) else None))
     r, _ = stores.launch(spec)
     assert (r.done, r.gave_up) == (1, 1)
@@ -432,14 +355,14 @@ def test_no_retries_means_one_attempt(stores, monkeypatch):
 # ---------------------------------------------------------------------------- divergence
 @pytest.mark.optuna_version_free
 @pytest.mark.parametrize("objective,worst", [("final_val_f1", 0.0), ("final_val_loss", math.inf)])
-def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, worst):
-    spec = load_spec(write_study(stores.dir, f"diverge_{objective}",
+def test_a_diverged_run_is_a_result_not_a_crash(tiny_study, counting_train, stores, monkeypatch, objective, worst):
+    spec = load_spec(tiny_study(stores.dir, f"diverge_{objective}",
                                  ONE_FIX + f"objective: {objective}\n", base_extra=DIVERGE))
     assert spec.diverged_value() == worst
     plan = designs.runs(spec)
     for run in plan:  # the config really diverges
         assert real_train(run.config).status == "diverged"
-    counting = CountingTrain()
+    counting = counting_train()
     monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(spec)
     assert (r.total, r.done, r.gave_up) == (2, 2, 0)
@@ -473,10 +396,10 @@ def test_a_diverged_run_is_a_result_not_a_crash(stores, monkeypatch, objective, 
     assert st["diverged"] == 2 and st["done"] == 2
 
 
-def test_a_relaunch_counts_runs_in_flight_and_queued_runs_apart(stores, tmp_path):
+def test_a_relaunch_counts_runs_in_flight_and_queued_runs_apart(tiny_study, stores, tmp_path):
     """After `run --workers 2` was killed with 2 runs in flight and the rest queued, the next
     launch said "17 in flight elsewhere" for 2 in flight + 15 queued. It must count them apart."""
-    spec = load_spec(write_study(tmp_path, "counted", GRID_2X2))
+    spec = load_spec(tiny_study(tmp_path, "counted"))
     _, out = stores.launch(spec, workers=0)
     assert "(0 done, 0 in flight elsewhere, 8 queued, 0 given up)" in out
     study = load_study(spec, open_storage(stores.storage))
@@ -487,15 +410,15 @@ def test_a_relaunch_counts_runs_in_flight_and_queued_runs_apart(stores, tmp_path
     assert "(0 done, 2 in flight elsewhere, 6 queued, 0 given up)" in out
 
 
-def test_runs_queued_by_an_older_version_of_the_study_are_not_run(stores, monkeypatch):
+def test_runs_queued_by_an_older_version_of_the_study_are_not_run(tiny_study, counting_train, stores, monkeypatch):
     """Interrupted under one study file, resumed under an edited one: the old queue is dropped
     (FAIL, orphaned), only the current file's runs train and count."""
-    old = load_spec(write_study(stores.dir, "edited", ONE_FIX))
-    counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n == 1 else None)
+    old = load_spec(tiny_study(stores.dir, "edited", ONE_FIX))
+    counting = counting_train(fail=lambda n, cfg: KeyboardInterrupt() if n == 1 else None)
     monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(old)
     assert r.interrupted and r.done == 0
-    new = load_spec(write_study(stores.dir, "edited", ONE_FIX, base_extra="dropout: 0.2"))
+    new = load_spec(tiny_study(stores.dir, "edited", ONE_FIX, base_extra="dropout: 0.2"))
     new_keys = {run.run_key for run in designs.runs(new)}
     assert not new_keys & {run.run_key for run in designs.runs(old)}
     r2, _ = stores.launch(new)
@@ -511,8 +434,8 @@ def test_runs_queued_by_an_older_version_of_the_study_are_not_run(stores, monkey
 
 # ---------------------------------------------------------------------------- workers
 @pytest.mark.slow  # ~20 s on a busy 2-core machine: two spawned processes import torch and MLflow
-def test_two_worker_processes_run_every_run_once(stores):
-    spec = load_spec(write_study(stores.dir, "workers2", GRID_2X2))
+def test_two_worker_processes_run_every_run_once(tiny_study, stores):
+    spec = load_spec(tiny_study(stores.dir, "workers2"))
     t0 = time.perf_counter()
     r, out = stores.launch(spec, workers=2)
     elapsed = time.perf_counter() - t0
@@ -538,8 +461,8 @@ budget: {trials: 3}
 """
 
 
-def test_search_runs_its_budget_and_resume_does_not_exceed_it(stores):
-    spec = load_spec(write_study(stores.dir, "search3", SEARCH))
+def test_search_runs_its_budget_and_resume_does_not_exceed_it(tiny_study, stores):
+    spec = load_spec(tiny_study(stores.dir, "search3", SEARCH))
     r, _ = stores.launch(spec)
     assert (r.total, r.done, r.interrupted) == (3, 3, False)
     trials = stores.trials(spec)
@@ -556,13 +479,13 @@ def test_search_runs_its_budget_and_resume_does_not_exceed_it(stores):
     assert len(stores.runs(spec, "run")) == 3
 
 
-def test_search_trials_that_always_crash_stop_after_the_retries(stores, monkeypatch):
+def test_search_trials_that_always_crash_stop_after_the_retries(tiny_study, counting_train, stores, monkeypatch):
     """A search whose every trial crashes must end (at most trials x (retries + 1) attempts), not
     sample new trials for ever."""
-    spec = load_spec(write_study(stores.dir, "search_crash",
+    spec = load_spec(tiny_study(stores.dir, "search_crash",
                                  SEARCH.replace("trials: 3", "trials: 2") + "retries: 1\n"))
     guard = 12  # an Interrupt stops a launch that would never end on its own
-    counting = CountingTrain(fail=lambda n, cfg: KeyboardInterrupt() if n >= guard
+    counting = counting_train(fail=lambda n, cfg: KeyboardInterrupt() if n >= guard
                              else RuntimeError("always"))
     monkeypatch.setattr(trial_module, "train", counting)
     r, _ = stores.launch(spec)
@@ -570,14 +493,14 @@ def test_search_trials_that_always_crash_stop_after_the_retries(stores, monkeypa
     assert len(counting.calls) <= 2 * (1 + 1)
 
 
-def test_search_summary_counts_runs_and_its_report_gives_no_verdicts(stores):
+def test_search_summary_counts_runs_and_its_report_gives_no_verdicts(tiny_study, stores):
     """Issue #13: a search trial is one cell at every seed, so the summary counts runs (not
     trials) and its sd is the spread over seeds; the report gives importance, no verdicts."""
     from ablations.results import report
 
     body = SEARCH.replace("seeds: [0]", "seeds: [0, 1]").replace("trials: 3", "trials: 2")
     body = body.replace("factors:\n", "factors:\n  layer_norm: [off, on]\n")
-    spec = load_spec(write_study(stores.dir, "search_seeds", body))
+    spec = load_spec(tiny_study(stores.dir, "search_seeds", body))
     r, _ = stores.launch(spec)
     assert r.done == 2 and sum(c["runs"] for c in r.summary) == 4
     for t in stores.trials(spec):

@@ -10,50 +10,40 @@ from pathlib import Path
 import pytest
 
 from ablations.results import analysis, report
-from ablations.engine.launch import launch
-from ablations.design.spec import parse_spec
+from ablations.design.spec import load_spec
 from ablations.tracking.tracker import attach_report
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {"n_songs": 4, "frames": 128, "n_features": 8, "hidden_dim": 8, "n_blocks": 1,
-        "epochs": 2, "steps_per_epoch": 3, "batch_size": 8}
+FACTORS = "factors: {plain_residual: [off, on], clip_0_5: [off, on]}\n"  # 2 x 2 x 2 seeds
+EPOCHS, STEPS_PER_EPOCH = 2, 3  # the tiny study's (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    """A 2x2 full factorial of two fixes x 2 seeds, tiny model."""
+def launched(tmp_path_factory, make_stores, tiny_study):
+    """The tiny study with two fixes as factors, launched: (its folder, its tracking URI); the
+    study file is tinyrep.yaml there."""
     tmp = tmp_path_factory.mktemp("report")
-    cwd = os.getcwd()
-    os.chdir(tmp)  # MLflow's ./mlruns artifacts land in tmp
-    try:
-        spec = parse_spec({"name": "tinyrep", "design": "full_factorial",
-                           "factors": {"plain_residual": [False, True],
-                                       "clip_0_5": [False, True]},
-                           "seeds": 2, "baseline": "fixed", "base": TINY}, "<test>")
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        with open(os.devnull, "w") as devnull:
-            res = launch(spec, f"sqlite:///{tmp}/optuna.db", uri, 1, out=devnull)
-        assert res.done == 8
-    finally:
-        os.chdir(cwd)
-    return tmp, uri
+    stores = make_stores(tmp)
+    res, _ = stores.launch(load_spec(tiny_study(tmp, "tinyrep", FACTORS)))
+    assert res.done == 8
+    return tmp, stores.tracking
 
 
-def test_load_runs_and_curves(tiny_study):
+def test_load_runs_and_curves(launched):
     """One row per run with factors as booleans; curves in long format with every step."""
-    tmp, uri = tiny_study
+    tmp, uri = launched
     runs = analysis.load_runs("tinyrep", uri)
     assert len(runs) == 8 and set(runs["seed"]) == {0, 1}
     assert runs["plain_residual"].dtype == bool
     assert analysis.factor_names(runs) == ["plain_residual", "clip_0_5"]
     curves = analysis.load_curves("tinyrep", ["train/loss"], uri, runs)
-    assert len(curves) == 8 * TINY["epochs"] * TINY["steps_per_epoch"]
+    assert len(curves) == 8 * EPOCHS * STEPS_PER_EPOCH
     assert set(curves["metric"]) == {"train/loss"}
 
 
-def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
+def test_report_writes_figures_markdown_and_logs_to_parent(launched):
     """runner's report: every figure as a PNG, a Markdown file with verdicts, logged to MLflow."""
-    tmp, uri = tiny_study
+    tmp, uri = launched
     out = tmp / "rep"
     rep = report.write_report("tinyrep", uri, out)
     went = (rep.runs["first_nonfinite_step"] < rep.runs["steps"]).any()
@@ -98,16 +88,10 @@ def test_report_writes_figures_markdown_and_logs_to_parent(tiny_study):
     assert client.get_run(parent).data.tags["mlflow.note.content"] == note
 
 
-def test_runner_report_cli(tiny_study):
+def test_runner_report_cli(launched):
     """`runner.py report` prints the verdicts and writes the report (exit 0)."""
-    tmp, uri = tiny_study
+    tmp, uri = launched
     spec = tmp / "tinyrep.yaml"
-    import yaml
-
-    spec.write_text(yaml.safe_dump({"name": "tinyrep", "design": "full_factorial",
-                                    "factors": {"plain_residual": ["off", "on"],
-                                                "clip_0_5": ["off", "on"]},
-                                    "seeds": 2, "base": TINY}))
     proc = subprocess.run([sys.executable, str(ROOT / "runner.py"), "report", str(spec),
                            "--tracking-uri", uri, "--out", str(tmp / "cli_rep")],
                           capture_output=True, text=True, cwd=tmp, timeout=300)
@@ -116,11 +100,11 @@ def test_runner_report_cli(tiny_study):
 
 
 @pytest.mark.parametrize("notebook", ["ablation_report.ipynb", "curves.ipynb"])
-def test_notebooks_execute(tiny_study, notebook, monkeypatch):
+def test_notebooks_execute(launched, notebook, monkeypatch):
     """The committed notebooks run top to bottom against a real study (and have no outputs)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    tmp, uri = tiny_study
+    tmp, uri = launched
     path = ROOT / "notebooks" / notebook
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "committed with outputs"
@@ -135,22 +119,11 @@ def test_notebooks_execute(tiny_study, notebook, monkeypatch):
     assert not errors
 
 
-def _tiny_yaml(tmp: Path) -> Path:
-    import yaml
-
-    spec = tmp / "tinyplan.yaml"
-    spec.write_text(yaml.safe_dump({"name": "tinyrep", "design": "full_factorial",
-                                    "factors": {"plain_residual": ["off", "on"],
-                                                "clip_0_5": ["off", "on"]},
-                                    "seeds": 2, "baseline": "fixed", "base": TINY}))
-    return spec
-
-
-def test_runner_plan_reads_the_store(tiny_study):
+def test_runner_plan_reads_the_store(launched):
     """`runner.py plan`: design and model df, wall time from the runs in the store, power from
     their seed-to-seed spread, seeds for a target effect; trains nothing."""
-    tmp, uri = tiny_study
-    proc = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(_tiny_yaml(tmp)),
+    tmp, uri = launched
+    proc = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(tmp / "tinyrep.yaml"),
                            "--tracking-uri", uri, "--target-effect", "0.05"],
                           capture_output=True, text=True, cwd=tmp, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -161,11 +134,12 @@ def test_runner_plan_reads_the_store(tiny_study):
     assert "smallest F1 effect:" in out and "seeds for an F1 effect of 0.05:" in out
 
 
-def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path):
+def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path, tiny_study):
     """No store: 'none known' and the stated default spread; the planning code imports neither
     torch nor MLflow (and creates no database); a bad option is a one-line error."""
+    study = tiny_study(tmp_path, "tinyrep", FACTORS)
     code = ("import sys; from ablations.results.power import plan; from ablations.design.spec import load_spec; "
-            f"print('\\n'.join(plan(load_spec({str(_tiny_yaml(tmp_path))!r}), "
+            f"print('\\n'.join(plan(load_spec({str(study)!r}), "
             "'sqlite:///mlflow.db'))); "
             "print('torch' in sys.modules, 'mlflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -177,7 +151,7 @@ def test_plan_without_a_store_and_without_torch_or_mlflow(tmp_path):
     assert "exact power of the paired Newcombe score test the analysis runs: 4 pairs" in proc.stdout
     assert proc.stdout.strip().endswith("False False")
     assert not (tmp_path / "mlflow.db").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(_tiny_yaml(tmp_path)),
+    bad = subprocess.run([sys.executable, str(ROOT / "runner.py"), "plan", str(study),
                           "--sd", "-1"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "--sd -1: must be a positive number" in bad.stderr
