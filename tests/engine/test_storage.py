@@ -34,15 +34,7 @@ from ablations.design.spec import load_spec
 from ablations.tracking.tracker import ChildRun, StudyTracker
 
 RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
-TINY = """\
-name: {name}
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-seeds: [0]
-base: {{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 2,
-       steps_per_epoch: 3, batch_size: 8, device: cpu}}
-"""
+ONE_FIX = "factors: {plain_residual: [off, on]}\nseeds: [0]\n"  # the tiny study, 2 runs
 
 
 @pytest.fixture
@@ -64,9 +56,8 @@ def quick(monkeypatch):
 class Queued:
     """A tiny 2-run study queued (`run --workers 0`) on SQLite stores in tmp_path."""
 
-    def __init__(self, tmp_path: Path, name: str, yaml_text: str | None = None):
-        (tmp_path / f"{name}.yaml").write_text(yaml_text or TINY.format(name=name))
-        self.spec = load_spec(tmp_path / f"{name}.yaml")
+    def __init__(self, tmp_path: Path, study: Path):
+        self.spec = load_spec(study)
         self.storage = f"sqlite:///{tmp_path}/o.db"
         self.tracking = f"sqlite:///{tmp_path}/m.db"
         launching.launch(self.spec, self.storage, self.tracking, workers=0, out=io.StringIO())
@@ -191,12 +182,11 @@ def test_a_retried_bulk_enqueue_that_had_committed_is_not_enqueued_twice(tmp_pat
     assert [t.number for t in trials] == list(range(5))
 
 
-def test_reconcile_queues_a_plan_once_in_bulk_and_claims_take_it_in_order(tmp_path, monkeypatch):
+def test_reconcile_queues_a_plan_once_in_bulk_and_claims_take_it_in_order(tiny_study, tmp_path, monkeypatch):
     """Every run of the plan becomes one WAITING trial (none through enqueue_trial), a second
     reconcile adds nothing, and claims pop them first in first out, each once."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "b.yaml").write_text(TINY.format(name="b").replace("seeds: [0]", "seeds: 6"))
-    spec = load_spec(tmp_path / "b.yaml")
+    spec = load_spec(tiny_study(tmp_path, "b", ONE_FIX + "seeds: 6\n"))
     study = load_study(spec, st.open_storage(f"sqlite:///{tmp_path}/o.db"), create=True)
     monkeypatch.setattr(optuna.Study, "enqueue_trial", None)  # the bulk path only
     plan = plan_of(spec)
@@ -259,12 +249,12 @@ def test_heartbeat_settings_are_validated(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- lost workers
-def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monkeypatch,
+def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tiny_study, tmp_path, monkeypatch,
                                                                   fast_heartbeat):
     """A worker claims a run, creates its MLflow run and dies (no more heartbeats): the next
     launch fails the trial as lost, marks its MLflow run KILLED and runs it again."""
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "lost")
+    q = Queued(tmp_path, tiny_study(tmp_path, "lost", ONE_FIX))
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     trial = q.claim()
     tracker = StudyTracker(tracking, spec.name)
@@ -286,10 +276,10 @@ def test_a_lost_workers_run_is_failed_marked_killed_and_run_again(tmp_path, monk
     assert (st_["done"], st_["running"], st_["failed_attempts"]) == (2, 0, 1)
 
 
-def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
+def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(tiny_study, 
         tmp_path, monkeypatch, fast_heartbeat):
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "wait")
+    q = Queued(tmp_path, tiny_study(tmp_path, "wait", ONE_FIX))
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     dead = q.claim()  # then "dies"
     # The dead worker's last beat lands as the live one finishes its own run, so the lost run is
@@ -314,9 +304,9 @@ def test_a_worker_waits_for_a_run_in_flight_elsewhere_and_reruns_it_when_lost(
 
 
 @pytest.mark.optuna_version_free
-def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeypatch):
+def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tiny_study, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "nowait")
+    q = Queued(tmp_path, tiny_study(tmp_path, "nowait", ONE_FIX))
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     q.claim()
     (running,) = progress.study_status(spec, storage_url)["in_flight"]  # who runs what, for `status`
@@ -326,11 +316,11 @@ def test_a_worker_with_no_wait_leaves_runs_in_flight_to_others(tmp_path, monkeyp
     assert worker.work(ctx, out=io.StringIO()) == 1
 
 
-def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tmp_path, monkeypatch):
+def test_a_duplicate_queued_run_is_skipped_while_the_run_is_running(tiny_study, tmp_path, monkeypatch):
     """Two WAITING trials for one run (e.g. two launches reconciling at once on an old version):
     the second is popped while the first runs and is skipped, not run twice."""
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "dup")
+    q = Queued(tmp_path, tiny_study(tmp_path, "dup", ONE_FIX))
     spec, storage_url, tracking, study = q.spec, q.storage, q.tracking, q.study
     plan = plan_of(spec)
     queue.enqueue_run(study, spec, plan[0], attempt=1)  # a duplicate of the first run
@@ -394,8 +384,8 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     (["--threads", "0"], "--threads 0: must be >= 1"),
 ])
 @pytest.mark.optuna_version_free
-def test_worker_bad_input_is_one_line_before_any_training(tmp_path, args, expect):
-    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+def test_worker_bad_input_is_one_line_before_any_training(tiny_study, tmp_path, args, expect):
+    tiny_study(tmp_path, "cli", ONE_FIX)
     t0 = time.monotonic()
     line = one_line_error(runner(tmp_path, "worker", "cli.yaml", *args))
     assert expect in line, line
@@ -403,8 +393,8 @@ def test_worker_bad_input_is_one_line_before_any_training(tmp_path, args, expect
 
 
 @pytest.mark.optuna_version_free
-def test_run_with_no_workers_only_queues(tmp_path):
-    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+def test_run_with_no_workers_only_queues(tiny_study, tmp_path):
+    tiny_study(tmp_path, "cli", ONE_FIX)
     p = runner(tmp_path, "run", "cli.yaml", "--workers", "0")
     assert p.returncode == 0, p.stderr
     assert "0/2 runs done; the rest are queued" in p.stdout
@@ -472,9 +462,9 @@ def test_postgres_storage_survives_its_connections_being_killed(pg_url):
     assert [t.user_attrs["enqueue_id"] for t in study.get_trials()] == [f"e{i}" for i in range(5)]
 
 
-def test_postgres_study_runs_in_process(pg_url, tmp_path, monkeypatch):
+def test_postgres_study_runs_in_process(tiny_study, pg_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "pgs.yaml").write_text(TINY.format(name="pgs"))
+    tiny_study(tmp_path, "pgs", ONE_FIX)
     spec = load_spec(tmp_path / "pgs.yaml")
     res = launching.launch(spec, pg_url, f"sqlite:///{tmp_path}/m.db", out=io.StringIO())
     assert (res.done, res.total) == (2, 2)
@@ -483,11 +473,11 @@ def test_postgres_study_runs_in_process(pg_url, tmp_path, monkeypatch):
 
 
 @pytest.mark.optuna_version_free
-def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path, monkeypatch):
+def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tiny_study, tmp_path, monkeypatch):
     """`--device` changes the device every run trains on (recorded in MLflow), never the run's
     identity: the run keys, and so what counts as done, stay those of the study file."""
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "dev", TINY.format(name="dev").replace("device: cpu", "device: auto"))
+    q = Queued(tmp_path, tiny_study(tmp_path, "dev", ONE_FIX, "device: auto"))
     spec, storage_url, tracking = q.spec, q.storage, q.tracking
     assert worker.work(launching.join(spec, storage_url, tracking, device="cpu"),
                         out=io.StringIO()) == 2
@@ -501,24 +491,23 @@ def test_a_worker_device_overrides_where_runs_execute_not_what_they_are(tmp_path
 
 
 @pytest.mark.optuna_version_free
-def test_worker_device_cuda_without_cuda_is_one_line(tmp_path):
+def test_worker_device_cuda_without_cuda_is_one_line(tiny_study, tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    (tmp_path / "cli.yaml").write_text(TINY.format(name="cli"))
+    tiny_study(tmp_path, "cli", ONE_FIX)
     line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--device", "cuda:1"))
     assert "--device cuda:1: 'cuda:1' asked for but CUDA is not available here" in line
 
 
 @pytest.mark.optuna_version_free
-def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tmp_path):
+def test_sigterm_stops_a_worker_like_ctrl_c_and_requeues_its_run(tiny_study, tmp_path):
     """A scheduler pre-empting a job sends SIGTERM: the run in flight is re-queued at once (not
     after the heartbeat grace period) and its MLflow run marked KILLED; exit code 130."""
     import signal
 
-    (tmp_path / "term.yaml").write_text(TINY.format(name="term").replace("steps_per_epoch: 3",
-                                                                         "steps_per_epoch: 400"))
+    tiny_study(tmp_path, "term", ONE_FIX, "steps_per_epoch: 400")
     assert runner(tmp_path, "run", "term.yaml", "--workers", "0").returncode == 0
     p = subprocess.Popen([sys.executable, str(RUNNER), "worker", "term.yaml"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -554,15 +543,14 @@ def test_run_shares_a_device_list_out_between_its_local_workers():
 
 
 @pytest.mark.slow  # ~25 s: a launch with 2 worker processes, stopped, then resumed
-def test_sigterm_stops_a_multi_worker_launch_and_the_next_run_resumes(tmp_path):
+def test_sigterm_stops_a_multi_worker_launch_and_the_next_run_resumes(tiny_study, tmp_path):
     """`kill` of `run --workers 2` (started in the background, where a shell ignores SIGINT):
     both workers stop, their runs are re-queued, nothing is left RUNNING, and the same command
     finishes the study with every run counted once."""
     import signal
 
-    (tmp_path / "stop.yaml").write_text(TINY.format(name="stop").replace(
-        "plain_residual: [off, on]", "plain_residual: [off, on]\n  lr: [1e-4, 3e-3]").replace(
-        "seeds: [0]", "seeds: 4").replace("steps_per_epoch: 3", "steps_per_epoch: 600"))
+    tiny_study(tmp_path, "stop", "factors: {plain_residual: [off, on], lr: [1e-4, 3e-3]}\n"
+               "seeds: 4\n", "steps_per_epoch: 600")
     args = [sys.executable, str(RUNNER), "run", "stop.yaml", "--workers", "2", "--no-report"]
     p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -591,13 +579,13 @@ def test_sigterm_stops_a_multi_worker_launch_and_the_next_run_resumes(tmp_path):
     assert len(complete) == 16 and len({t.user_attrs["run_key"] for t in complete}) == 16
 
 
-def test_a_worker_killed_right_after_claiming_a_run_is_still_found_lost(tmp_path, monkeypatch,
+def test_a_worker_killed_right_after_claiming_a_run_is_still_found_lost(tiny_study, tmp_path, monkeypatch,
                                                                         fast_heartbeat):
     """The claim's commit lands and the worker dies before doing anything else: the heartbeat
     was recorded before the trial turned RUNNING, so the trial still goes stale (Optuna never
     declares a RUNNING trial without a heartbeat stale)."""
     monkeypatch.chdir(tmp_path)
-    q = Queued(tmp_path, "gap")
+    q = Queued(tmp_path, tiny_study(tmp_path, "gap", ONE_FIX))
     real = st.RetryingRDBStorage.set_trial_state_values
 
     def commit_then_die(self, trial_id, state, values=None):
