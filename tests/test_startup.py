@@ -36,15 +36,7 @@ sys.path.insert(0, {str(ROOT)!r})
 runpy.run_path({str(RUNNER)!r}, run_name="__main__")
 """
 
-STUDY = """\
-name: tiny
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-seeds: 2
-base: {n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 1,
-       steps_per_epoch: 2, batch_size: 8, device: cpu}
-"""
+ONE_FIX = "factors: {plain_residual: [off, on]}\n"  # the tiny study: 2 x 2 seeds
 
 
 def probe(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
@@ -59,16 +51,17 @@ def probe(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Co
     ["run", "missing.yaml"], ["run", "tiny.yaml", "--workers", "-1"],
     ["worker", "tiny.yaml", "--local-workers", "0"], ["plan", "tiny.yaml"],
 ], ids=lambda a: " ".join(a))
-def test_commands_that_do_not_train_import_neither_torch_nor_mlflow_nor_optuna(tmp_path, args):
-    (tmp_path / "tiny.yaml").write_text(STUDY)
+def test_commands_that_do_not_train_import_neither_torch_nor_mlflow_nor_optuna(tmp_path, args,
+                                                                               tiny_study):
+    tiny_study(tmp_path, "tiny", ONE_FIX)
     p, seen = probe(tmp_path, *args)
     assert p.returncode in (0, 2), p.stderr
     assert "Traceback" not in p.stderr
     assert seen["modules"] == [], seen
 
 
-def test_status_imports_optuna_but_neither_torch_nor_mlflow(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(STUDY)
+def test_status_imports_optuna_but_neither_torch_nor_mlflow(tmp_path, tiny_study):
+    tiny_study(tmp_path, "tiny", ONE_FIX)
     optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     p, seen = probe(tmp_path, "status", "tiny.yaml")
     assert p.returncode == 0, p.stderr
