@@ -50,7 +50,7 @@ class Cell:
 
 
 @dataclass(frozen=True)
-class Run:
+class PlannedRun:
     """One training run: a cell at one seed, with its resolved config."""
 
     cell: Cell
@@ -181,6 +181,6 @@ def resolve(spec: StudySpec, cell: Cell, seed: int) -> TrainConfig:
                                                            f"{cell.label(spec.factors)}: ")
 
 
-def runs(spec: StudySpec) -> list[Run]:
+def runs(spec: StudySpec) -> list[PlannedRun]:
     """Every run of a non-search design, cell-major then seed."""
-    return [Run(c, s, resolve(spec, c, s)) for c in cells(spec) for s in spec.seeds]
+    return [PlannedRun(c, s, resolve(spec, c, s)) for c in cells(spec) for s in spec.seeds]

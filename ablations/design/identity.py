@@ -20,7 +20,7 @@ import uuid
 import warnings
 from typing import Any, Mapping
 
-from ablations.design.designs import Cell, Run
+from ablations.design.designs import Cell, PlannedRun
 from ablations.design.fixes import FIXES
 from ablations.design.spec import Factor, StudySpec
 from model.config import HighLearningRateWarning, TrainConfig
@@ -48,7 +48,7 @@ def tags(spec: StudySpec, cell: Cell, seed: int, run_key: str) -> dict[str, str]
     return {k: str(v) for k, v in identity(spec, cell, seed, run_key).items()}
 
 
-def queue_entry(spec: StudySpec, run: Run, attempt: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def queue_entry(spec: StudySpec, run: PlannedRun, attempt: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run as an enqueued trial: its fixed params and its user attrs."""
     by_name = {f.name: f for f in spec.factors}
     params = {name: by_name[name].label(v) for name, v in run.cell.assignment}
@@ -65,7 +65,7 @@ def requeue_entry(params: Mapping[str, Any], attrs: Mapping[str, Any],
                           "enqueue_id": uuid.uuid4().hex, "attempt": attempt}
 
 
-def claimed_run(spec: StudySpec, params: Mapping[str, Any], attrs: Mapping[str, Any]) -> Run:
+def claimed_run(spec: StudySpec, params: Mapping[str, Any], attrs: Mapping[str, Any]) -> PlannedRun:
     """The run a claimed trial names: its cell, seed and config, and the key it was queued
     under (never recomputed: the queue's key is the run's). A trial queued before `cell_values`
     existed has its values looked up from its params' labels."""
@@ -75,8 +75,8 @@ def claimed_run(spec: StudySpec, params: Mapping[str, Any], attrs: Mapping[str, 
         values = {f.name: _value_of(f, params[f.name]) for f in spec.factors}
     cell = Cell(tuple((f.name, values[f.name]) for f in spec.factors),
                 tuple(r for r in attrs.get("roles", "").split(",") if r))
-    run = Run(cell, attrs["seed"], claimed_config(attrs))
-    run.__dict__["run_key"] = attrs["run_key"]  # (Run.run_key is a cached property)
+    run = PlannedRun(cell, attrs["seed"], claimed_config(attrs))
+    run.__dict__["run_key"] = attrs["run_key"]  # (PlannedRun.run_key is a cached property)
     return run
 
 

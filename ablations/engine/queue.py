@@ -33,7 +33,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.design import identity
-from ablations.design.designs import Run
+from ablations.design.designs import PlannedRun
 from ablations.design.spec import StudySpec
 from ablations.engine.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
                                trial_states_by_user_attr, waiting_trial_ids)
@@ -55,7 +55,7 @@ class PlanState:
     running: list[str] = field(default_factory=list)  # RUNNING (a worker's, maybe a lost one's)
     queued: list[str] = field(default_factory=list)  # WAITING
     gave_up: list[str] = field(default_factory=list)  # crashed more than `retries` times
-    missing: list[tuple[Run, int]] = field(default_factory=list)  # none of those: (run, attempt)
+    missing: list[tuple[PlannedRun, int]] = field(default_factory=list)  # none of those: (run, attempt)
     enqueued: list[str] = field(default_factory=list)  # the missing ones, once reconcile queued them
 
     @property
@@ -103,7 +103,7 @@ def plan_state(study: optuna.Study, plan: Plan) -> PlanState:
 
 
 # ------------------------------------------------------------------------------ enqueue
-def enqueue_run(study: optuna.Study, spec: StudySpec, run: Run, attempt: int) -> None:
+def enqueue_run(study: optuna.Study, spec: StudySpec, run: PlannedRun, attempt: int) -> None:
     """One run through Optuna's own enqueue_trial (reconcile queues in bulk instead)."""
     params, attrs = identity.queue_entry(spec, run, attempt)
     study.enqueue_trial(params, user_attrs=attrs)

@@ -17,7 +17,7 @@ from typing import Iterator
 import optuna
 
 from ablations.design import designs
-from ablations.design.designs import Run
+from ablations.design.designs import PlannedRun
 from ablations.design.spec import StudySpec
 from ablations.tracking.retry import StoreError, describe_error
 from ablations.engine.storage import open_storage, safe_url
@@ -36,7 +36,7 @@ class Plan:
     (a trial is then one cell, and its value the mean over the seeds)."""
 
     spec: StudySpec
-    runs: tuple[Run, ...]  # () for a search design
+    runs: tuple[PlannedRun, ...]  # () for a search design
 
     @property
     def search(self) -> bool:
@@ -60,13 +60,13 @@ class Plan:
         or seeds since dropped from the file; every trial of a search study counts)."""
         return self.search or trial.user_attrs.get("run_key") in self.keys
 
-    def __iter__(self) -> Iterator[Run]:
+    def __iter__(self) -> Iterator[PlannedRun]:
         return iter(self.runs)
 
     def __len__(self) -> int:
         return len(self.runs)
 
-    def __getitem__(self, i: int) -> Run:
+    def __getitem__(self, i: int) -> PlannedRun:
         return self.runs[i]
 
 

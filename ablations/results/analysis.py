@@ -39,7 +39,7 @@ from ablations.results import backgrounds, rates
 from ablations.design.fixes import FIXES
 from ablations.tracking import reads
 from ablations.tracking.reads import experiment_tags, load_crashed, study_stress  # noqa: F401
-from ablations.results.verdicts import Estimate as Estimate_
+from ablations.results.verdicts import ClaimEstimate
 from ablations.results.verdicts import judge
 
 OUTCOMES = {
@@ -122,7 +122,7 @@ def load_curves(study: str, metrics: Iterable[str], tracking_uri: Optional[str] 
 
 # ------------------------------------------------------------------------------ effects
 @dataclass(frozen=True)
-class Estimate:
+class EffectInterval:
     effect: float
     low: float
     high: float
@@ -155,7 +155,7 @@ def _levels(runs: pd.DataFrame, factor: str) -> list:
 
 
 def paired_effect(runs: pd.DataFrame, factor: str, ref, level, outcome: str,
-                  others: list[str]) -> Estimate:
+                  others: list[str]) -> EffectInterval:
     """Effect of `factor` going ref -> level on `outcome`: paired where partners exist (two or
     more: then only the pairs count; in a one-at-a-time design the unpaired runs differ in other
     fixes too, and pooling them would measure broken-side vs fixed-side recipes)."""
@@ -168,12 +168,13 @@ def paired_effect(runs: pd.DataFrame, factor: str, ref, level, outcome: str,
         finite = joined.dropna()
         d = (finite["b"] - finite["a"]).to_numpy()
         lo, hi = t_mean(d)
-        return Estimate(float(d.mean()) if len(d) else math.nan, lo, hi, len(d), True,
-                        len(joined) - len(finite))
+        return EffectInterval(float(d.mean()) if len(d) else math.nan, lo, hi, len(d), True,
+                              len(joined) - len(finite))
     fa, fb = a.dropna().to_numpy(), b.dropna().to_numpy()
     lo, hi = t_diff(fa, fb)
     eff = float(fb.mean() - fa.mean()) if len(fa) and len(fb) else math.nan
-    return Estimate(eff, lo, hi, len(fa) + len(fb), False, len(a) + len(b) - len(fa) - len(fb))
+    return EffectInterval(eff, lo, hi, len(fa) + len(fb), False,
+                          len(a) + len(b) - len(fa) - len(fb))
 
 
 def main_effects(runs: pd.DataFrame, factors: list[str],
@@ -224,13 +225,13 @@ def interactions(runs: pd.DataFrame, factors: list[str], outcome: str = "final_v
                     lambda g: g.loc[g.s > 0, "y"].mean() - g.loc[g.s < 0, "y"].mean(),
                     include_groups=False).to_numpy()
                 lo, hi = t_mean(per_block)
-                est = Estimate(float(per_block.mean()), lo, hi, len(per_block), True,
-                               int((~ok).sum()))
+                est = EffectInterval(float(per_block.mean()), lo, hi, len(per_block), True,
+                                     int((~ok).sum()))
             else:
                 pos, neg = df.loc[df.s > 0, "y"].to_numpy(), df.loc[df.s < 0, "y"].to_numpy()
                 lo, hi = t_diff(neg, pos)
-                est = Estimate(float(pos.mean() - neg.mean()) if len(pos) and len(neg) else math.nan,
-                               lo, hi, len(df), False, int((~ok).sum()))
+                diff = float(pos.mean() - neg.mean()) if len(pos) and len(neg) else math.nan
+                est = EffectInterval(diff, lo, hi, len(df), False, int((~ok).sum()))
             rows.append({"a": a, "b": b, "outcome": outcome, **est.__dict__})
     return pd.DataFrame(rows)
 
@@ -296,7 +297,7 @@ INSTABILITY = {"diverged": "divergence rate", "collapsed": "collapse rate"}
 
 
 def instability_estimates(runs: pd.DataFrame, factors: list[str], fix: str,
-                          regimes: Sequence[str] = ()) -> list[Estimate_]:
+                          regimes: Sequence[str] = ()) -> list[ClaimEstimate]:
     """The claim's evidence: divergence and collapse rate, fix on minus off, with Newcombe score
     intervals (paired where the design pairs runs). With `regimes` (stress factors such as
     precision), one estimate per regime: a fix can help in fp16 and hurt in fp32."""
@@ -307,17 +308,17 @@ def instability_estimates(runs: pd.DataFrame, factors: list[str], fix: str,
         where = (" (" + ", ".join(f"{r}={v}" for r, v in zip(regimes, key)) + ")") if regimes else ""
         for col, label in INSTABILITY.items():
             rd = rates.rate_difference(sub, fix, col, [g for g in factors if g != fix])
-            out.append(Estimate_(label + where, rd.diff, rd.low, rd.high, rd.p, "lower",
-                                 (rd.events_on, rd.n_on, rd.events_off, rd.n_off), rd.method))
+            out.append(ClaimEstimate(label + where, rd.diff, rd.low, rd.high, rd.p, "lower",
+                                     (rd.events_on, rd.n_on, rd.events_off, rd.n_off), rd.method))
     return out
 
 
-def background_estimates(tests: pd.DataFrame) -> dict[str, list[Estimate_]]:
+def background_estimates(tests: pd.DataFrame) -> dict[str, list[ClaimEstimate]]:
     """Per fix: one estimate per row of a per-background table (backgrounds.rate_tests, or
     stability.fix_effects restricted to its verdict outcomes), named by background and regime."""
     labels = {**INSTABILITY, "edge_shift": "edge shift (log10 LR50)",
               "unstable_rate": "unstable rate"}
-    out: dict[str, list[Estimate_]] = {}
+    out: dict[str, list[ClaimEstimate]] = {}
     for r in tests.itertuples():
         where = r.background + ("" if r.regime == "all" else f", {r.regime}")
         counts = None
@@ -325,7 +326,7 @@ def background_estimates(tests: pd.DataFrame) -> dict[str, list[Estimate_]]:
             (a, n1), (b, n0) = (map(int, x.split("/")) for x in r.counts.split(" vs "))
             counts = (a, n1, b, n0)
         better = getattr(r, "better", "lower")
-        out.setdefault(r.fix, []).append(Estimate_(
+        out.setdefault(r.fix, []).append(ClaimEstimate(
             labels.get(r.outcome, r.outcome), r.effect, r.low, r.high, r.p, better, counts,
             getattr(r, "method", ""), where, not bool(r.untested),
             getattr(r, "shown", "") if r.outcome == "edge_shift" else ""))
@@ -334,7 +335,7 @@ def background_estimates(tests: pd.DataFrame) -> dict[str, list[Estimate_]]:
 
 def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence[str] = (),
                     stability_effects: Optional[pd.DataFrame] = None
-                    ) -> dict[str, list[Estimate_]]:
+                    ) -> dict[str, list[ClaimEstimate]]:
     """The evidence each claim is judged on.
 
     One-at-a-time designs: per background and regime, never pooled. With a stress axis, the
@@ -362,7 +363,7 @@ def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence
 
 
 def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
-             claims: Optional[dict[str, list[Estimate_]]] = None) -> pd.DataFrame:
+             claims: Optional[dict[str, list[ClaimEstimate]]] = None) -> pd.DataFrame:
     """Supported / refuted / background-dependent / inconclusive / untested for each seed claim
     whose fix is a factor.
 

@@ -114,7 +114,7 @@ def _pvalue(w: float, n: int, df: int) -> float:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class EdgeEstimate:
     """A profile-likelihood estimate in axis units (log10 for lr). `low`/`high` are the interval
     ends; `open_low`/`open_high` say that side reaches past the ladder (censored)."""
 
@@ -137,7 +137,7 @@ class Estimate:
 
 
 def _summarise(x: np.ndarray, prof: np.ndarray, thr: float, p: float, n: int,
-               note: str = "") -> Estimate:
+               note: str = "") -> EdgeEstimate:
     top = prof.max()
     inside = np.flatnonzero(prof >= top - thr)
     flat = np.flatnonzero(prof >= top - 1e-9)
@@ -146,32 +146,32 @@ def _summarise(x: np.ndarray, prof: np.ndarray, thr: float, p: float, n: int,
     value = float((x[flat[0]] + x[flat[-1]]) / 2)
     if flat[0] == 0 or flat[-1] == len(x) - 1:  # the best value lies past the ladder
         value = math.nan
-    return Estimate(value, -math.inf if open_low else float(x[lo_i]),
-                    math.inf if open_high else float(x[hi_i]), bool(open_low), bool(open_high),
-                    p, n, note)
+    return EdgeEstimate(value, -math.inf if open_low else float(x[lo_i]),
+                        math.inf if open_high else float(x[hi_i]), bool(open_low), bool(open_high),
+                        p, n, note)
 
 
-def lr50(intervals: Sequence[Interval], ladder: Sequence[float]) -> Estimate:
+def lr50(intervals: Sequence[Interval], ladder: Sequence[float]) -> EdgeEstimate:
     """log10 LR50 of one recipe (one regime) from its seeds' edge intervals."""
     n = len(intervals)
     mu = _grid(ladder)
     if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, False, False, math.nan, 0, "no seed")
+        return EdgeEstimate(math.nan, math.nan, math.nan, False, False, math.nan, 0, "no seed")
     if n == 1:
-        return Estimate(math.nan, math.nan, math.nan, False, False, math.nan, 1,
-                        "one seed: no interval")
+        return EdgeEstimate(math.nan, math.nan, math.nan, False, False, math.nan, 1,
+                            "one seed: no interval")
     prof = _loglik(intervals, mu).max(axis=1)
     return _summarise(mu, prof, _threshold(n, n - 1), math.nan, n)
 
 
-def shift(off: Sequence[Interval], on: Sequence[Interval], ladder: Sequence[float]) -> Estimate:
+def shift(off: Sequence[Interval], on: Sequence[Interval], ladder: Sequence[float]) -> EdgeEstimate:
     """log10 LR50(on) - log10 LR50(off): the fix's effect on the edge (+1 = ten times larger),
     with a common sigma; p of "no shift" from the same calibrated likelihood ratio."""
     n = len(off) + len(on)
     mu = _grid(ladder)
     if len(off) == 0 or len(on) == 0 or n < 3:
-        return Estimate(math.nan, math.nan, math.nan, False, False, math.nan, n,
-                        "too few seeds to say")
+        return EdgeEstimate(math.nan, math.nan, math.nan, False, False, math.nan, n,
+                            "too few seeds to say")
     la, lb = _loglik(off, mu), _loglik(on, mu)  # [G, S]
     g = len(mu)
     # profile over mu_off for every shift k (in grid steps) and sigma: max_i la[i] + lb[i + k]
@@ -197,12 +197,12 @@ def shift(off: Sequence[Interval], on: Sequence[Interval], ladder: Sequence[floa
     open_high = est.open_high or above[1] or below[0]
     if open_low == est.open_low and open_high == est.open_high:
         return est
-    return Estimate(math.nan, -math.inf if open_low else est.low,
-                    math.inf if open_high else est.high, open_low, open_high, est.p, n, est.note)
+    return EdgeEstimate(math.nan, -math.inf if open_low else est.low,
+                        math.inf if open_high else est.high, open_low, open_high, est.p, n, est.note)
 
 
 # ------------------------------------------------------------------------------ printing
-def fmt_location(e: Estimate, axis: str, log: bool = True) -> str:
+def fmt_location(e: EdgeEstimate, axis: str, log: bool = True) -> str:
     """LR50 as the reader wants it: '0.32 [0.1, 1]', '> 10', '< 0.001', or why there is none."""
     if not e.measured:
         return e.note or "n/a"
@@ -216,7 +216,7 @@ def fmt_location(e: Estimate, axis: str, log: bool = True) -> str:
     return f"{f(e.value)} [{f(e.low)}, {f(e.high)}]"
 
 
-def fmt_shift(e: Estimate) -> str:
+def fmt_shift(e: EdgeEstimate) -> str:
     """A shift in decades: '+1.0 [+0.4, +1.9]', '> +0.4' (one side censored), or why none."""
     if not e.measured:
         return e.note or "n/a"

@@ -3,8 +3,8 @@
 A pure function of named estimates, independent of where they came from (a factorial model, a
 paired rate interval, a stability outcome such as the max stable learning rate):
 
-    verdict = judge({"bias_init": [Estimate("divergence rate", -0.5, -0.8, -0.2, p=0.003,
-                                            better="lower", counts=(0, 8, 4, 8)), ...], ...})
+    verdict = judge({"bias_init": [ClaimEstimate("divergence rate", -0.5, -0.8, -0.2, p=0.003,
+                                                 better="lower", counts=(0, 8, 4, 8)), ...], ...})
 
 RULE below is the rule in words; reports print it.
 """
@@ -38,7 +38,7 @@ RULE = (
 
 
 @dataclass(frozen=True)
-class Estimate:
+class ClaimEstimate:
     """One estimate of a claim's effect (fix on minus fix off)."""
 
     outcome: str  # e.g. "divergence rate", "max stable lr"
@@ -94,7 +94,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adj
 
 
-def judge(claims: Mapping[str, Sequence[Estimate]], alpha: float = ALPHA) -> dict[str, Verdict]:
+def judge(claims: Mapping[str, Sequence[ClaimEstimate]], alpha: float = ALPHA) -> dict[str, Verdict]:
     """Verdict and reason per claim, with Holm's correction across every tested estimate of every
     claim given (one report = one call). Adjusted p-values are kept per estimate, so two tests
     with the same outcome name (two backgrounds, two regimes) never overwrite each other."""

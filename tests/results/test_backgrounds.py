@@ -198,10 +198,10 @@ def test_n_of_n_versus_n_of_n_is_untested():
 
 def test_adjusted_p_values_are_kept_per_test_not_per_label():
     """Two tests with the same outcome name in two backgrounds: both adjusted, neither lost."""
-    from ablations.results.verdicts import Estimate
+    from ablations.results.verdicts import ClaimEstimate
 
-    a = Estimate("divergence rate", -0.5, -0.8, -0.2, 0.001, background="added to broken")
-    b = Estimate("divergence rate", -0.1, -0.3, 0.1, 0.4, background="dropped from fixed")
+    a = ClaimEstimate("divergence rate", -0.5, -0.8, -0.2, 0.001, background="added to broken")
+    b = ClaimEstimate("divergence rate", -0.1, -0.3, 0.1, 0.4, background="dropped from fixed")
     v = judge({"x": [a, b]})["x"]
     assert v.adjusted_p == pytest.approx((0.002, 0.4))
     assert v.verdict == "supported" and "(added to broken)" in v.reason

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ablations.results import analysis, effects, rates
-from ablations.results.verdicts import Estimate, holm, judge
+from ablations.results.verdicts import ClaimEstimate, holm, judge
 
 # Montgomery, "Design and Analysis of Experiments" (8th ed., 2013), Example 6.2, Table 6.10:
 # filtration rate (gal/h) of a chemical product, an unreplicated 2^4 in A (temperature),
@@ -235,9 +235,9 @@ def test_pvalue_is_dual_to_the_interval():
 
 
 # ---------------------------------------------------------------------- verdicts
-def rate(outcome: str, x_on: int, x_off: int, n: int = 8) -> Estimate:
+def rate(outcome: str, x_on: int, x_off: int, n: int = 8) -> ClaimEstimate:
     rd = rates.rate_diff_indep(x_on, n, x_off, n)
-    return Estimate(outcome, rd.diff, rd.low, rd.high, rd.p, "lower", (x_on, n, x_off, n))
+    return ClaimEstimate(outcome, rd.diff, rd.low, rd.high, rd.p, "lower", (x_on, n, x_off, n))
 
 
 def test_zero_vs_zero_is_untested_not_refuted():
@@ -251,8 +251,8 @@ def test_holm_across_claims():
     """p = 0.01, 0.03, 0.04 alone would all pass 0.05; Holm: 0.03, 0.06, 0.06."""
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
-    def est(p: float, effect: float = -0.3) -> Estimate:
-        return Estimate("divergence rate", effect, effect - 0.2, effect + 0.1, p)
+    def est(p: float, effect: float = -0.3) -> ClaimEstimate:
+        return ClaimEstimate("divergence rate", effect, effect - 0.2, effect + 0.1, p)
 
     v = judge({"a": [est(0.01)], "b": [est(0.03)], "c": [est(0.04, effect=+0.3)],
                "d": [rate("divergence rate", 0, 0)]})
