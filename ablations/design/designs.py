@@ -61,6 +61,12 @@ class PlannedRun:
     def run_key(self) -> str:
         return config_key(self.config)
 
+    @functools.cached_property
+    def legacy_key(self) -> str:
+        """The key this run had before device and cache_dir left a run's identity (= run_key
+        unless the study file set one of them): a resumed study's runs count under either."""
+        return legacy_key(self.config, self.run_key)
+
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -81,12 +87,30 @@ KEY_FIELDS_V1 = frozenset((
 _DEFAULTS: dict[str, Any] = {}
 
 
+# Where a run happens is not what it is (model.config.PLACE_FIELDS): the device and the feature
+# cache enter every key at the values V1 hashed by default, so a key issued at those defaults
+# (every shipped study's: the device came from `auto` or --device) stays as it was.
+PLACE_V1 = {"device": "auto", "cache_dir": None}  # one value for each of PLACE_FIELDS
+
+
 def config_key(cfg: TrainConfig) -> str:
     """Stable id of a resolved config: 12 hex digits of a SHA-256 of its canonical JSON, over the
-    KEY_FIELDS_V1 fields plus each later field that differs from its default."""
+    KEY_FIELDS_V1 fields (device and cache_dir at PLACE_V1) plus each later field that differs
+    from its default."""
+    return _key({**cfg.to_dict(), **PLACE_V1})
+
+
+def legacy_key(cfg: TrainConfig, key: str | None = None) -> str:
+    """The key before device and cache_dir left the identity: their own values hashed. `key`:
+    config_key(cfg), returned as is where the two agree (no second hash)."""
+    if all(getattr(cfg, k) == v for k, v in PLACE_V1.items()):
+        return key if key is not None else config_key(cfg)
+    return _key(cfg.to_dict())
+
+
+def _key(d: dict[str, Any]) -> str:
     if not _DEFAULTS:
         _DEFAULTS.update(TrainConfig().to_dict())
-    d = cfg.to_dict()
     return stable_hash({k: v for k, v in d.items()
                         if k in KEY_FIELDS_V1 or v != _DEFAULTS[k]})[:12]
 

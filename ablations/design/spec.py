@@ -35,7 +35,8 @@ import yaml
 
 from ablations.design.fixes import FIXES, recipe
 from ablations.design.fractional import fractional_generators
-from model.config import ConfigError, HighLearningRateWarning, TrainConfig, coerce_field
+from model.config import (PLACE_FIELDS, ConfigError, HighLearningRateWarning, TrainConfig,
+                          coerce_field)
 
 DESIGNS = ("full_factorial", "one_at_a_time", "fractional_factorial", "search")
 SAMPLERS = ("tpe", "random")
@@ -435,6 +436,9 @@ def _parse_factor(name: str, spec: Any, key: str, err, design: str) -> Factor:
     if name not in TrainConfig.field_names():
         raise err(key, f"not a fix or TrainConfig field; fixes: {', '.join(FIXES)}; fields: "
                        f"{', '.join(TrainConfig.field_names())}")
+    if name in PLACE_FIELDS:
+        raise err(key, f"{name} is where a run happens, not what it is (two values would be the "
+                       f"same run twice): set it in base, or per worker with --device")
     if isinstance(spec, dict):
         if design != "search":
             raise err(key, f"a range {{low, high, log}} needs design: search; {design} takes a list "

@@ -88,6 +88,8 @@ def plan_state(study: optuna.Study, plan: Plan) -> PlanState:
             by_key.setdefault(key, []).append(t)
     for run in plan:
         ts = by_key.get(run.run_key, [])
+        if run.legacy_key != run.run_key:  # done before the device left the key: still done
+            ts = ts + by_key.get(run.legacy_key, [])
         states = {t.state for t in ts}
         if TrialState.COMPLETE in states:
             state.done.append(run.run_key)

@@ -53,7 +53,9 @@ class Plan:
 
     @functools.cached_property  # (hashing every run's config: seconds for 10 000-run plans)
     def keys(self) -> frozenset[str]:
-        return frozenset(r.run_key for r in self.runs)
+        """Every run's key, and its legacy key (designs.legacy_key): trials queued or finished
+        under either are this plan's."""
+        return frozenset(k for r in self.runs for k in (r.run_key, r.legacy_key))
 
     def counts(self, trial: optuna.trial.FrozenTrial) -> bool:
         """Whether a trial is one of this plan's (a grid study's store may hold runs of cells

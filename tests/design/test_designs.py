@@ -1,5 +1,6 @@
 """ablations/design/designs.py: full factorial, one-at-a-time, fractional factorial, run keys."""
 
+import dataclasses
 import itertools
 import math
 import os
@@ -10,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from ablations.design import designs
-from ablations.design.designs import (Cell, config_key, describe_fraction, fractional_factorial,
-                               full_factorial, one_at_a_time)
+from ablations.design.designs import (KEY_FIELDS_V1, Cell, config_key, describe_fraction,
+                                      fractional_factorial, full_factorial, legacy_key,
+                                      one_at_a_time, stable_hash)
 from ablations.design.fixes import FIXES, recipe
 from ablations.design.fractional import (GENERATORS, LETTERS, defining_relation, fractional_generators,
                                   resolution)
 from ablations.design.spec import Factor, load_spec, parse_spec
-from model.config import HighLearningRateWarning, TrainConfig
+from model.config import PLACE_FIELDS, HighLearningRateWarning, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX_NAMES = list(FIXES)
@@ -321,3 +323,23 @@ def test_cell_id_stable_and_distinct():
 def test_cell_label():
     factors = (Factor("layer_norm", "fix", (False, True)), Factor("lr", "field", (1e-4, 1e-3)))
     assert Cell((("layer_norm", True), ("lr", 1e-4))).label(factors) == "layer_norm=on lr=0.0001"
+
+
+def test_where_a_run_happens_is_not_what_it_is():
+    assert set(designs.PLACE_V1) == set(PLACE_FIELDS)  # every place field has its V1 value
+    base = TrainConfig(seed=3, lr=3e-4)
+    elsewhere = [dataclasses.replace(base, device=d, cache_dir=c)
+                 for d in ("auto", "cpu", "cuda", "cuda:1") for c in (None, "/tmp/features")]
+    assert {config_key(c) for c in elsewhere} == {config_key(base)}
+    # a key issued at V1's defaults is unchanged: V1's hash of every field it knew, as it did
+    defaults = TrainConfig().to_dict()
+    v1 = stable_hash({k: v for k, v in base.to_dict().items()
+                      if k in KEY_FIELDS_V1 or v != defaults[k]})[:12]
+    assert config_key(base) == v1
+    # a run keyed with its own device (a study file that set one) keeps that key as its legacy
+    cpu = dataclasses.replace(base, device="cpu")
+    assert legacy_key(cpu) != config_key(cpu)
+    assert legacy_key(cpu) == stable_hash({k: v for k, v in cpu.to_dict().items()
+                                           if k in KEY_FIELDS_V1 or v != defaults[k]})[:12]
+    assert legacy_key(base) == config_key(base)
+

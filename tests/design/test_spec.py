@@ -103,6 +103,7 @@ BAD = [
         "base: {epochs: 2}", "base: {}"), "factors.epochs"),
     ("invalid_value", GOOD.replace("lr: [1e-4, 1e-3]", "grad_clip: [-1, 0.5]"),
      "factors.grad_clip"),
+    ("place_as_factor", GOOD.replace("lr: [1e-4, 1e-3]", "device: [cpu, cuda]"), "factors.device"),
     ("invalid_lr_value", GOOD.replace("lr: [1e-4, 1e-3]", "lr: [0, 1e-3]"), "factors.lr"),
     ("range_without_search", GOOD.replace("lr: [1e-4, 1e-3]", "lr: {low: 1e-4, high: 1e-2}"),
      "factors.lr"),

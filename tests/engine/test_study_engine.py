@@ -511,3 +511,32 @@ def test_search_summary_counts_runs_and_its_report_gives_no_verdicts(tiny_study,
     assert rep.design == "search" and rep.verdicts.empty and rep.effects.empty
     assert set(rep.associations["factor"]) == {"layer_norm", "lr"}
     assert rep.associations["runs"].groupby(rep.associations["factor"]).sum().max() == 4
+
+
+# ------------------------------------------------------------------ where a run happens
+def test_a_study_keyed_before_the_device_left_the_key_resumes_with_nothing_rerun(
+        tiny_study, counting_train, stores, monkeypatch):
+    """The tiny study sets device: cpu, which keys issued before hashed: resumed now, every run
+    counts as done under its old key (designs.legacy_key), and none is trained again."""
+    spec = load_spec(tiny_study(stores.dir, "placed"))
+    assert all(r.legacy_key != r.run_key for r in designs.runs(spec))
+    with monkeypatch.context() as mp:
+        mp.setattr(designs, "config_key", designs.legacy_key)  # the keys as they were issued
+        first, _ = stores.launch(spec)
+    assert first.done == 8
+    counting = counting_train()
+    monkeypatch.setattr(trial_module, "train", counting)
+    second, out = stores.launch(spec)
+    assert second.done == 8 and counting.calls == [] and "(8 done" in out
+
+
+def test_the_same_run_on_another_device_is_the_same_run(tiny_study, counting_train, stores,
+                                                        monkeypatch):
+    spec = load_spec(tiny_study(stores.dir, "moved"))  # device: cpu
+    assert stores.launch(spec)[0].done == 8
+    counting = counting_train()
+    monkeypatch.setattr(trial_module, "train", counting)
+    moved = load_spec(tiny_study(stores.dir, "moved", base_extra="device: auto, cache_dir: /x"))
+    assert [r.run_key for r in designs.runs(moved)] == [r.run_key for r in designs.runs(spec)]
+    again, _ = stores.launch(moved)
+    assert again.done == 8 and counting.calls == []
