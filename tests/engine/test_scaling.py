@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import pytest
@@ -28,16 +29,7 @@ from ablations.results import analysis
 import pgdb as pg
 
 RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
-STUDY = """\
-name: s24
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-  lr: [1e-4, 3e-3]
-seeds: 6
-base: {{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 2,
-       steps_per_epoch: {steps}, batch_size: 8, device: cpu}}
-"""
+FACTORS = "factors: {plain_residual: [off, on], lr: [1e-4, 3e-3]}\nseeds: 6\n"  # 24 runs
 N_RUNS = 24
 # quick fault detection (seconds): a killed worker's run is re-run 4-5 s later, not 60-70 s
 FAST_HEARTBEAT = {"CHORUS_HEARTBEAT_S": "1", "CHORUS_GRACE_S": "4"}
@@ -68,8 +60,11 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
     return out, err
 
 
-def queue(d: Path, storage: str, tracking: str, steps: int = 10) -> None:
-    (d / "s24.yaml").write_text(STUDY.format(steps=steps))
+def queue(study: Callable[..., Path], d: Path, storage: str, tracking: str,
+          steps: int = 10) -> None:
+    """Queue the 24 runs (`study`: the tiny_study fixture; `steps` per epoch: how long a run
+    lasts, so that a fault can land mid-run)."""
+    study(d, "s24", FACTORS, f"steps_per_epoch: {steps}")
     out, _ = finish(runner(d, "run", "s24.yaml", "--workers", "0", "--storage", storage,
                            "--tracking-uri", tracking))
     assert "24 runs (0 done" in out and "queued; start workers" in out
@@ -110,8 +105,8 @@ def assert_each_run_once(storage: str, tracking: str) -> list:
 
 
 @pytest.mark.slow
-def test_three_workers_run_each_run_exactly_once(tmp_path, optuna_db, mlflow_db):
-    queue(tmp_path, optuna_db, mlflow_db)
+def test_three_workers_run_each_run_exactly_once(tiny_study, tmp_path, optuna_db, mlflow_db):
+    queue(tiny_study, tmp_path, optuna_db, mlflow_db)
     procs = [runner(tmp_path, "worker", "s24.yaml", "--storage", optuna_db, "--tracking-uri",
                     mlflow_db, "--local-workers", "3") for _ in range(3)]
     outs = [finish(p)[0] for p in procs]
@@ -125,9 +120,9 @@ def test_three_workers_run_each_run_exactly_once(tmp_path, optuna_db, mlflow_db)
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_is_recovered_and_each_run_still_counts_once(
+def test_a_worker_killed_mid_run_is_recovered_and_each_run_still_counts_once(tiny_study, 
         tmp_path, optuna_db, mlflow_db):
-    queue(tmp_path, optuna_db, mlflow_db, steps=30)  # ~1 s runs: a kill lands mid-run
+    queue(tiny_study, tmp_path, optuna_db, mlflow_db, steps=30)  # ~1 s runs: a kill lands mid-run
     fast = env(**FAST_HEARTBEAT)
     procs = [runner(tmp_path, "worker", "s24.yaml", "--storage", optuna_db, "--tracking-uri",
                     mlflow_db, "--local-workers", "3", environ=fast) for _ in range(3)]
@@ -204,11 +199,11 @@ class MlflowServer:
 
 
 @pytest.mark.slow
-def test_tracking_server_stopped_and_restarted_mid_study(tmp_path, optuna_db, mlflow_db):
+def test_tracking_server_stopped_and_restarted_mid_study(tiny_study, tmp_path, optuna_db, mlflow_db):
     server = MlflowServer(mlflow_db, tmp_path)
     server.start()
     try:
-        queue(tmp_path, optuna_db, server.url, steps=20)
+        queue(tiny_study, tmp_path, optuna_db, server.url, steps=20)
         # The client gives up on a dead server after 1 retry, so our own retry (with the buffered
         # metrics kept) is what carries the run over the outage.
         launch = runner(tmp_path, "run", "s24.yaml", "--workers", "2", "--no-report",
@@ -229,11 +224,11 @@ def test_tracking_server_stopped_and_restarted_mid_study(tmp_path, optuna_db, ml
 
 
 @pytest.mark.slow
-def test_postgres_connections_dropped_mid_study(tmp_path, optuna_db):
+def test_postgres_connections_dropped_mid_study(tiny_study, tmp_path, optuna_db):
     """Every connection to the study's database is killed every 0.3 s while 2 workers run: the
     storage reconnects and retries; nothing lost, nothing run twice."""
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    queue(tmp_path, optuna_db, tracking)
+    queue(tiny_study, tmp_path, optuna_db, tracking)
     launch = runner(tmp_path, "run", "s24.yaml", "--workers", "2", "--no-report",
                     "--storage", optuna_db, "--tracking-uri", tracking)
     killed, stop = [], threading.Event()
@@ -257,7 +252,7 @@ def test_postgres_connections_dropped_mid_study(tmp_path, optuna_db):
 
 
 @pytest.mark.slow
-def test_tracking_server_down_for_good_stops_the_worker_without_losing_or_burning_runs(
+def test_tracking_server_down_for_good_stops_the_worker_without_losing_or_burning_runs(tiny_study, 
         tmp_path, optuna_db, mlflow_db):
     """The server dies and stays down past the retries: the worker re-queues its run in flight
     (not counted as a crash), stops with one line and exit 1; once the server is back, the next
@@ -265,7 +260,7 @@ def test_tracking_server_down_for_good_stops_the_worker_without_losing_or_burnin
     server = MlflowServer(mlflow_db, tmp_path)
     server.start()
     try:
-        queue(tmp_path, optuna_db, server.url, steps=20)
+        queue(tiny_study, tmp_path, optuna_db, server.url, steps=20)
         worker = runner(tmp_path, "worker", "s24.yaml", "--storage", optuna_db, "--tracking-uri",
                         server.url, environ=env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                                                 CHORUS_TRACKING_RETRY_S="3"))

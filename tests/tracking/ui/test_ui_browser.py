@@ -68,18 +68,9 @@ DESCRIPTION = ("Browser-test study: input pre-normalisation x neutral classifier
                "an absurd learning rate.")
 # SGD at lr 0.03: input_norm lifts final F1 from ~0.01 to ~0.5 (measured: a real effect);
 # bias_init barely matters; lr 1e6 diverges every run.
-STUDY = f"""\
-name: tiny
-description: "{DESCRIPTION}"
-design: full_factorial
-factors:
-  input_norm: [off, on]
-  bias_init: [off, on]
-  lr: [3e-2, 1e6]
-seeds: 4
-base: {{n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 3,
-       steps_per_epoch: 4, batch_size: 8, device: cpu, optimizer: sgd, grad_clip: null}}
-"""
+STUDY = (f"description: \"{DESCRIPTION}\"\n"
+         "factors: {input_norm: [off, on], bias_init: [off, on], lr: [3e-2, 1e6]}\nseeds: 4\n")
+BASE = "epochs: 3, steps_per_epoch: 4, optimizer: sgd, grad_clip: null"  # over the tiny model
 RUNS = 32
 
 
@@ -200,11 +191,11 @@ def launch_browser(p):
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, tiny_study):
     """A finished 32-run study with a killed attempt: the first launch is SIGKILLed while a run
     trains, the second resumes it. Its directory, stores and runs (read back from MLflow)."""
     d = tmp_path_factory.mktemp("ui")
-    (d / "tiny.yaml").write_text(STUDY)
+    tiny_study(d, "tiny", STUDY, BASE)
     storage, tracking = f"sqlite:///{d}/optuna.db", f"sqlite:///{d}/mlflow.db"
     cmd = [sys.executable, str(RUNNER), "run", "tiny.yaml", "--storage", storage,
            "--tracking-uri", tracking]
