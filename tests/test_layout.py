@@ -193,6 +193,37 @@ def test_the_tests_mirror_the_folders():
     assert tests == code, f"tests/ folders {sorted(map(str, tests))} != code {sorted(map(str, code))}"
 
 
+
+def stale_imports(path: Path, mods: set[str]) -> set[str]:
+    """The ablations.* paths `path` imports that name no module here: a flat path from before
+    the layer folders (ablations.views, `from ablations import analysis`), e.g. in code merged
+    from a branch that forked before them. Such an import bypasses the layer checks above."""
+    bad: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            bad.update(a.name for a in node.names
+                       if a.name.startswith("ablations") and a.name not in mods)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if node.module.startswith("ablations") and node.module not in mods:
+                bad.add(node.module)
+            elif node.module in {"ablations"} | {f"ablations.{lay}" for lay in LAYERS}:
+                bad.update(f"{node.module}.{a.name}" for a in node.names
+                           if f"{node.module}.{a.name}" not in mods)
+    return bad
+
+
+def test_no_module_imports_a_path_from_before_the_layer_folders(tmp_path):
+    mods = modules()
+    code = [*mods.values(), *sorted((ROOT / "tests").rglob("*.py")),
+            *sorted((ROOT / "benchmarks").glob("*.py"))]
+    bad = {str(p.relative_to(ROOT)): s for p in code if (s := stale_imports(p, set(mods)))}
+    assert not bad, f"imports of flat paths (ablations/<layer>/ has them now): {bad}"
+    probe = tmp_path / "old.py"  # the check itself sees each kind of flat path
+    probe.write_text("from ablations import analysis\nfrom ablations.views import KIND_TAG\n"
+                     "import ablations.retry\nfrom ablations.results import report\n")
+    assert stale_imports(probe, set(mods)) == {"ablations.analysis", "ablations.views",
+                                               "ablations.retry"}
+
 def test_the_flat_names_of_moved_modules_still_import():
     # notebooks written before the layer folders say `from ablations import analysis, report`
     import importlib
