@@ -297,11 +297,11 @@ class Run:
         loss_v, gn_v, pct_v = torch.stack(
             [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
         self.after_sync(loss_v, gn_v, pct_v)
-        if self.scaler_overflowed(loss_v, gn_v):
+        if self.scaler_overflowed(loss_v, gn_v):  # fp16: the scaler's own skip, not an event
             return False
-        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
+        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):  # cfg.nonfinite decides
             return self.nonfinite_step(epoch, b, rng, grads, loss_v, gn_v)
-        if self.spike_skips(epoch, loss_v, gn_v):
+        if self.spike_skips(epoch, loss_v, gn_v):  # recorded; spike_action=skip drops the update
             self.skip_update()
             return False
         if self.snapshot_due():
