@@ -22,9 +22,9 @@ A new command should do the same.
 
 from __future__ import annotations
 
-from ablations.torch_setup import calm_openmp
+from ablations.engine.torch_setup import calm_openmp
 
-calm_openmp()  # before anything can load torch (and its OpenMP runtime): see ablations/torch_setup.py
+calm_openmp()  # before anything can load torch (and its OpenMP runtime): see ablations/engine/torch_setup.py
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", HighLearningRateWarning)
             base = {}
             if args.recipe == "broken":  # the seed's recipe before its fixes; --set on top
-                from ablations.fixes import recipe
+                from ablations.design.fixes import recipe
 
                 base = {k: list(v) if isinstance(v, tuple) else v
                         for k, v in recipe(baseline="broken").items()}
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _outage(e: Exception) -> str:
-    from ablations.retry import describe_error
+    from ablations.tracking.retry import describe_error
 
     return (f"a store is unreachable, retries spent ({describe_error(e)}); finished runs are "
             f"kept, a run in flight is re-queued: run the same command again once the store is "
@@ -115,7 +115,7 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def _load_spec(path: str):
-    from ablations.spec import SpecError, load_spec
+    from ablations.design.spec import SpecError, load_spec
 
     try:
         return load_spec(path)
@@ -124,7 +124,7 @@ def _load_spec(path: str):
 
 
 def cmd_fixes(args: argparse.Namespace) -> int:
-    from ablations.fixes import table
+    from ablations.design.fixes import table
 
     print(table())
     return 0
@@ -138,11 +138,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if runs > MAX_RUNS and not args.yes:
         raise _BadInput(f"{args.study}: {runs} runs is over {MAX_RUNS}: check the design (a long "
                         f"value list?), or pass --yes to queue them all")
-    from ablations.power import preamble
+    from ablations.results.power import preamble
 
     print("\n".join(preamble(spec, args.tracking_uri)), flush=True)
-    from ablations.launch import launch  # (after the checks: errors come fast)
-    from ablations.retry import StoreError
+    from ablations.engine.launch import launch  # (after the checks: errors come fast)
+    from ablations.tracking.retry import StoreError
 
     _sigterm_is_ctrl_c()
     try:
@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise _BadInput(str(e)) from None
     if args.workers == 0:
-        from ablations.storage import safe_url
+        from ablations.engine.storage import safe_url
 
         print(f"{res.done}/{res.total} runs done; the rest are queued. Progress: python runner.py "
               f"status {args.study} --storage {safe_url(args.storage)}")
@@ -173,7 +173,7 @@ MAX_RUNS = 20_000  # a design this big is more likely a typo than a plan: `run` 
 
 def _plan_size(spec) -> int:
     """Print the plan's size first (a big design is then not silent), and return its runs."""
-    from ablations.designs import cells
+    from ablations.design.designs import cells
 
     if spec.design == "search":
         runs = (spec.trials or 0) * len(spec.seeds)
@@ -201,12 +201,13 @@ def _print_summary(spec, summary: list[dict]) -> None:
 
 def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
     """Write the report; a failure here never loses the study's results (they are stored)."""
-    from ablations import analysis, report
+    from ablations.results import analysis, report
+    from ablations.tracking.tracker import attach_report
 
     try:
         rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_cells(spec_path),
                                   design=spec.design, objective=spec.objective_metric)
-        parent = report.log_to_mlflow(spec.name, tracking_uri, out, rep)
+        parent = attach_report(tracking_uri, spec.name, str(out), *report.run_summary(rep))
     except Exception as e:  # noqa: BLE001 - reported in one line, results are safe
         print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
         return False
@@ -224,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ablations.power import plan
+    from ablations.results.power import plan
 
     spec = _load_spec(args.study)
     for name in ("target_effect", "sd"):
@@ -237,8 +238,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _load_spec(args.study)
-    from ablations.progress import study_status
-    from ablations.retry import StoreError
+    from ablations.engine.progress import study_status
+    from ablations.tracking.retry import StoreError
 
     try:
         st = study_status(spec, args.storage)
@@ -289,27 +290,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.local_workers < 1:
         raise _BadInput(f"--local-workers {args.local_workers}: must be >= 1")
     spec = _load_spec(args.study)
-    from ablations.launch import join, threads_per_worker
-    from ablations.progress import Progress, count_done, study_status
-    from ablations.retry import StoreError
-    from ablations.storage import open_storage
-    from ablations.study import load_study, plan_of
-    from ablations.worker import work
+    from ablations.engine.launch import join_and_work, threads_per_worker
+    from ablations.tracking.retry import StoreError
 
     _sigterm_is_ctrl_c()
     try:
-        ctx = join(spec, args.storage, args.tracking_uri, device=_device(args.device),
-                   threads=args.threads or threads_per_worker(args.local_workers),
-                   wait=not args.no_wait, ensemble=args.ensemble)
-        st = study_status(spec, args.storage)
-        print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
-              f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
-              + (f", device {ctx.device}" if ctx.device else ""), flush=True)
-        study = load_study(spec, open_storage(args.storage))
-        plan = plan_of(spec)
-        progress = Progress(total=st["total"] or 0, already=st["done"],
-                            done_fn=lambda: count_done(study, plan))
-        n = work(ctx, on_done=progress)
+        n = join_and_work(spec, args.storage, args.tracking_uri, device=_device(args.device),
+                          threads=args.threads or threads_per_worker(args.local_workers),
+                          wait=not args.no_wait, ensemble=args.ensemble)
     except StoreError as e:
         raise _BadInput(str(e)) from None
     except KeyboardInterrupt:
@@ -321,7 +309,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from ablations.ui import UIError, serve
+    from ablations.tracking.ui.serve import UIError, serve
 
     try:
         return serve(args.tracking_uri, args.port, args.study)
@@ -330,7 +318,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from ablations.ui import UIError, serve_dashboard
+    from ablations.tracking.ui.serve import UIError, serve_dashboard
 
     try:
         return serve_dashboard(args.storage, args.port, args.study)
@@ -339,7 +327,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ablations.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
+    from ablations.engine.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
 
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -469,8 +457,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a store that went away mid-study: one line, finished runs are kept
-        from ablations.retry import StoreUnavailable
-        from ablations.retry import is_outage
+        from ablations.tracking.retry import StoreUnavailable
+        from ablations.tracking.retry import is_outage
 
         if not (isinstance(e, StoreUnavailable) or is_outage(e)):
             raise

@@ -10,7 +10,7 @@ differ only in their environment:
 
   before  OpenMP's default wait policy (OMP_WAIT_POLICY / GOMP_SPINCOUNT unset): what runner.py
           and its worker processes ran with before the fix
-  after   the environment runner.py now sets before torch loads (ablations.torch_setup.calm_openmp:
+  after   the environment runner.py now sets before torch loads (ablations.engine.torch_setup.calm_openmp:
           OMP_WAIT_POLICY=PASSIVE)
 
 each on an idle machine and next to `--hogs` CPU hogs (`while True: pass` processes this script
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ablations.torch_setup import calm_openmp  # noqa: E402
+from ablations.engine.torch_setup import calm_openmp  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
 
 CHILD = """

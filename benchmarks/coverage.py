@@ -15,7 +15,7 @@ Planted truths, simulated many times, analysed by the report's own functions:
      more seeds: its coverage at 3 and at 10 seeds (long version only).
 
     python benchmarks/coverage.py            # the long version (a few minutes), a table per check
-    python benchmarks/coverage.py --quick    # the sizes the tests use (tests/test_coverage.py)
+    python benchmarks/coverage.py --quick    # the sizes the tests use (tests/results/test_coverage.py)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations import backgrounds, edges, stability  # noqa: E402
+from ablations.results import backgrounds, edges, stability  # noqa: E402
 
 LADDER = [-3.0, -2.0, -1.0, 0.0, 1.0]  # log10 lr 1e-3 .. 10, as stability_frontier.yaml
 

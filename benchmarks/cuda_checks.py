@@ -123,8 +123,8 @@ def main() -> int:
           f"load {load_average()}", flush=True)
     failed = []
     rc, s, out = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     "tests/test_stress_knobs.py", "tests/test_cli_train.py", "tests/test_train.py",
-                     "tests/test_cnn.py", "tests/test_ensemble.py"], ROOT)
+                     "tests/model/test_stress_knobs.py", "tests/test_cli_train.py", "tests/model/test_train.py",
+                     "tests/model/test_cnn.py", "tests/model/test_ensemble.py"], ROOT)
     print(f"1. device tests on CUDA: {'ok' if rc == 0 else 'FAILED'} ({s:.0f} s)\n"
           + out.strip().splitlines()[-1], flush=True)
     failed += ["tests"] if rc else []

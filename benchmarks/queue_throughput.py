@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations import queue  # noqa: E402
-from ablations.study import load_study, plan_of  # noqa: E402
-from ablations.spec import parse_spec  # noqa: E402
-from ablations.storage import open_storage, queue_lock  # noqa: E402
+from ablations.engine import queue  # noqa: E402
+from ablations.engine.study import load_study, plan_of  # noqa: E402
+from ablations.design.spec import parse_spec  # noqa: E402
+from ablations.engine.storage import open_storage, queue_lock  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations.fixes import FIXES as SEED_FIXES, recipe  # noqa: E402
+from ablations.design.fixes import FIXES as SEED_FIXES, recipe  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
 
 from model.baselines import constant_chorus_f1, linear_frame_f1  # noqa: E402

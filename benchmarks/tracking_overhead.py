@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ablations.launch import launch  # noqa: E402
-from ablations.spec import parse_spec  # noqa: E402
-from ablations.tracking import StudyTracker  # noqa: E402
+from ablations.engine.launch import launch  # noqa: E402
+from ablations.design.spec import parse_spec  # noqa: E402
+from ablations.tracking.tracker import StudyTracker  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.data import make_data  # noqa: E402
 from model.train import train  # noqa: E402

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from ablations.launch import launch, threads_per_worker  # noqa: E402
-from ablations.spec import parse_spec  # noqa: E402
+from ablations.engine.launch import launch, threads_per_worker  # noqa: E402
+from ablations.design.spec import parse_spec  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
 
 

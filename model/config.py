@@ -385,6 +385,11 @@ def _check_data_fields(cfg: TrainConfig) -> None:
                           f"{cfg.frame_rate:g}, got hop_length={cfg.hop_length}")
 
 
+# Where a run happens, not what it is: the same run on another device, or reading its features
+# from another cache folder, is the same run (ablations/design/designs.py keeps them out of a
+# run's key; a study cannot make them a factor).
+PLACE_FIELDS = ("device", "cache_dir")
+
 def resolve_device(spec: str) -> str:
     """`auto` -> `cuda` when a GPU is present, else `cpu`. Imported lazily to keep config torch-free."""
     import torch
@@ -394,3 +399,11 @@ def resolve_device(spec: str) -> str:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {spec!r} asked for but CUDA is not available here; use auto or cpu")
     return spec
+
+
+def cuda_index(device: "str | torch.device") -> int:  # noqa: F821 (torch: imported lazily)
+    """The CUDA device index of `device` ("cuda" means the current one)."""
+    import torch
+
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()

@@ -15,8 +15,11 @@ member that needs anything more (a non-finite loss, grad norm or validation outp
 skip, a rollback, forensics) is EJECTED: its pre-step parameters, BatchNorm buffers, optimizer
 state, sampler position, dropout RNG state, partial TrainResult, Monitor and log are written into
 its own `Run`, which redoes that step (or that validation) solo and carries the member to its end,
-while the other members go on together. So the policy code exists once, and a member that
-diverges cannot change the others. Per member, exactly as train() does:
+while the other members go on together. The common step itself goes through the member's `Run`
+too: its named parts (begin_step, after_sync, spike_skips, take_snapshot, updated) and
+model.train.apply_update (clip and clamp, with one grad norm per member). So the policy code
+exists once, and a member that diverges cannot change the others. Per member, exactly as
+train() does:
   * init: torch.manual_seed(seed) then build_model; data order: its own WindowSampler(seed);
   * dropout: each member's masks are drawn outside vmap, in solo order (block by block), from a
     generator holding that member's RNG state, with the layout (strides) solo's dropout input
@@ -42,7 +45,7 @@ max relative difference up to step 10 / 40 / 80 / 160 / 320:
 So "bit-identical" holds for one kernel at one thread count only; after ~100 steps the
 trajectories of the same run on 1 and 2 threads decorrelate just as far as the ensemble's do.
 What the ensemble guarantees: every member's curves agree with its separate run to <= 1e-5
-relative while training is not chaotic (checked on 10-step runs by tests/test_ensemble.py:
+relative while training is not chaotic (checked on 10-step runs by tests/model/test_ensemble.py:
 measured <= 2e-7; fixed and broken recipes, BatchNorm, dropout, clipping, a member that
 diverges, every non-finite policy), with the same events at the same steps and the same
 statuses; over a long run, the same outcome as a rerun of that run on another thread count or
@@ -66,12 +69,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from model.config import TrainConfig, resolve_device
+from model.config import TrainConfig, cuda_index, resolve_device
 from model.data import Batch, SongData, make_data
 from model.metrics import FrameCounts, count_frames, masked_cross_entropy, predicted_chorus
-from model.nonfinite import NonFiniteEvent
-from model.train import (LogFn, Run, TrainResult, _record, build_model, build_optimizer,
-                         lr_factor, no_log, train)
+from model.train import (LogFn, Run, TrainResult, apply_update, build_model, build_optimizer,
+                         no_log, train)
 
 __all__ = ["ensemble_declines", "train_ensemble"]
 
@@ -87,12 +89,6 @@ def ensemble_declines(cfgs: list[TrainConfig], ensemble: Union[bool, str] = "aut
     if ensemble == "auto" and torch.device(resolve_device(cfgs[0].device)).type != "cuda":
         return "CPU under ensemble=auto (compute-bound: see benchmarks/ensemble.py)"
     return ""
-
-
-def _cuda_index(device: str) -> int:
-    """The CUDA device index of `device` ("cuda" means the current one)."""
-    d = torch.device(device)
-    return d.index if d.index is not None else torch.cuda.current_device()
 
 
 class _GivenDropout(nn.Module):
@@ -160,7 +156,7 @@ class _Ensemble:
             lambda m, a: seen.append((tuple(a[0].shape), a[0].stride()))) for n in self.drops]
         x = torch.zeros(cfg.batch_size, cfg.frames, self.runs[0].sampler.x.shape[1],
                         device=self.device)
-        cuda = [_cuda_index(self.device)] if torch.device(self.device).type == "cuda" else []
+        cuda = [cuda_index(self.device)] if torch.device(self.device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             probe.train()(x, torch.ones(x.shape[:2], dtype=torch.bool, device=self.device))
         for h in hooks:
@@ -175,7 +171,7 @@ class _Ensemble:
         cuda = torch.device(self.device).type == "cuda"
         for i in self.ids:
             if cuda:
-                idx = _cuda_index(self.device)
+                idx = cuda_index(self.device)
                 saved = torch.cuda.get_rng_state(idx)
                 torch.cuda.set_rng_state(self.gens[i], idx)
             for k, (shape, stride) in enumerate(self.layouts):
@@ -260,19 +256,10 @@ class _Ensemble:
                            for g in grads])  # [P, M]
         return loss.detach(), torch.linalg.vector_norm(per, dim=0), pct.detach()
 
-    @torch.no_grad()
     def update(self, grad_norm: torch.Tensor) -> None:
-        """Clip (per member), step the stacked optimizer, clamp."""
-        cfg, params = self.cfg, list(self.params.values())
-        if cfg.grad_clip is not None:  # as clip_grads_with_norm_, with one coefficient per member
-            coef = torch.clamp(cfg.grad_clip / (grad_norm + 1e-6), max=1.0)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
-        self.opt.step()
-        if cfg.param_clamp is not None:
-            torch._foreach_clamp_min_(params, -cfg.param_clamp)
-            torch._foreach_clamp_max_(params, cfg.param_clamp)
+        """Clip (each member by its own norm), step the stacked optimizer, clamp: train()'s
+        update (model.train.apply_update)."""
+        apply_update(self.cfg, list(self.params.values()), grad_norm, self.opt.step)
 
     @torch.no_grad()
     def evaluate(self) -> list[FrameCounts]:
@@ -311,7 +298,7 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
         torch.manual_seed(c.seed)
         model = build_model(c, data.n_features).to(device)
         if cuda:
-            gens.append(torch.cuda.get_rng_state(_cuda_index(device)))
+            gens.append(torch.cuda.get_rng_state(cuda_index(device)))
         else:
             gens.append(torch.Generator().set_state(torch.get_rng_state()))
         runs.append(Run(c, data, model, device, lg, t0))
@@ -325,12 +312,10 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
         run = runs[i]
         ens.write_back(i, buffers)
         if cuda:
-            torch.cuda.set_rng_state(ens.rng_state(i), _cuda_index(device))
+            torch.cuda.set_rng_state(ens.rng_state(i), cuda_index(device))
         else:
             torch.set_rng_state(ens.rng_state(i))
-        run.t_start = time.perf_counter() - setup[i] - loop_time[i]
-        run.t_loop = loop_time[i]
-        results[i] = run.resume(epoch, done)
+        results[i] = run.run_from(epoch, done, spent=(setup[i] + loop_time[i], loop_time[i]))
 
     def share(t0: float) -> None:
         dt = (time.perf_counter() - t0) / max(1, len(ens.ids))
@@ -338,27 +323,18 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
             loop_time[i] += dt
 
     cfg = cfgs[0]
-    total = cfg.epochs * cfg.steps_per_epoch
     for epoch in range(1, cfg.epochs + 1):
         for done in range(cfg.steps_per_epoch):
             if not ens.ids:
                 break
             t0 = time.perf_counter()
-            step = runs[ens.ids[0]].step + 1
             pre = {i: (runs[i].sampler.rng.bit_generator.state, ens.rng_state(i)) for i in ens.ids}
             pre_buffers = {n: b.clone() for n, b in ens.buffers.items()}
-            lr = cfg.lr * lr_factor(cfg, step, total) if runs[0].scheduled else cfg.lr
-            for g in ens.opt.param_groups:
-                g["lr"] = lr
             batches = [runs[i].sampler.next() for i in ens.ids]
             loss, gn, pct = ens.forward_backward(batches)
             rows = torch.stack([loss.float(), gn.float(), pct.float()]).tolist()
-            leaving = []
-            for j, i in enumerate(ens.ids):
-                loss_v, gn_v = rows[0][j], rows[1][j]
-                if not (math.isfinite(loss_v) and math.isfinite(gn_v)) or (
-                        cfg.spike_action == "skip" and runs[i].mon.would_spike(gn_v)):
-                    leaving.append(i)
+            leaving = [i for j, i in enumerate(ens.ids)
+                       if runs[i].needs_solo(rows[0][j], rows[1][j])]
             for i in leaving:  # back to the state before this step, which train() redoes
                 runs[i].sampler.rng.bit_generator.state = pre[i][0]
                 ens.set_rng_state(i, pre[i][1])
@@ -369,35 +345,29 @@ def train_ensemble(cfgs: list[TrainConfig], data: SongData | None = None,
             for j, i in enumerate(ens.ids):
                 if i in leaving:
                     continue
-                run, res, (loss_v, gn_v, pct_v) = runs[i], runs[i].res, (r[j] for r in rows)
-                run.step = step
-                run.log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
-                         "train/chorus_pct": pct_v}, step)
-                res.final_train_loss, res.final_grad_norm = loss_v, gn_v
-                if step == 1:
-                    res.init_loss = loss_v
-                run.mon.step(step, loss_v, gn_v, lr)
-                run.max_gn = max(run.max_gn, gn_v)
-                if run.mon.is_spike(gn_v):  # spike_action "record" (a skip was ejected above)
-                    _record(res, run.mon, NonFiniteEvent(step, epoch, "grad_spike", "recorded",
-                                                         loss_v, gn_v, lr), None)
-                    run.mon.emit(step)
-                if run.snapshot is not None and step % cfg.rollback_every == 0:
-                    ens.write_back(i)
-                    if all(bool(torch.isfinite(p).all()) for p in run.params):
-                        run.snapshot.take(step, run.model, run.opt)
-                run.last_update = (step, batches[j])
+                # the member's own step, as train_step does it for a finite step (no skip:
+                # a spike to skip left above)
+                run, (loss_v, gn_v, pct_v) = runs[i], (r[j] for r in rows)
+                lr = run.begin_step()
+                run.after_sync(loss_v, gn_v, pct_v)
+                run.spike_skips(epoch, loss_v, gn_v)
+                if run.snapshot_due():
+                    ens.write_back(i)  # its own model holds its state only when written back
+                    run.take_snapshot()
+                run.updated(batches[j])
             if leaving:
                 gn = gn[[j for j, i in enumerate(pre) if i not in leaving]]
                 ens.drop(leaving)
             if ens.ids:
+                for g in ens.opt.param_groups:
+                    g["lr"] = lr  # every member's (all at the same step, none rolled back)
                 ens.update(gn)
             share(t0)
         if not ens.ids:
             break
         t0 = time.perf_counter()
         for i in ens.ids:
-            runs[i].res.steps, runs[i].res.epochs = runs[i].step, epoch
+            runs[i].end_epoch(epoch)
         counts = ens.evaluate()
         bad = [i for i, c in zip(ens.ids, counts) if not math.isfinite(c.loss())]
         share(t0)

@@ -52,6 +52,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from model.config import cuda_index
+
 MAX_ROLLBACKS = 10
 """After this many rollbacks (lr / 1024) a run that still goes non-finite is stopped."""
 
@@ -253,13 +255,11 @@ class _Restore:
 
     def __enter__(self) -> None:
         self.buffers = [b.detach().clone() for b in self.model.buffers()]
-        cuda = self.device.type == "cuda"
-        idx = self.device.index if self.device.index is not None else (
-            torch.cuda.current_device() if cuda else None)
-        self.fork = torch.random.fork_rng(devices=[idx] if cuda else [])
+        idx = cuda_index(self.device) if self.device.type == "cuda" else None
+        self.fork = torch.random.fork_rng(devices=[] if idx is None else [idx])
         self.fork.__enter__()
         if self.rng is not None:
-            if cuda:
+            if idx is not None:
                 torch.cuda.set_rng_state(self.rng, idx)
             else:
                 torch.set_rng_state(self.rng)
@@ -280,7 +280,7 @@ def rng_state(device: str) -> torch.Tensor:
     """The RNG state the next dropout draw uses (host copy, no device sync)."""
     d = torch.device(device)
     if d.type == "cuda":
-        return torch.cuda.get_rng_state(d.index if d.index is not None else torch.cuda.current_device())
+        return torch.cuda.get_rng_state(cuda_index(d))
     return torch.get_rng_state()
 
 

@@ -182,6 +182,27 @@ def _action(cfg: TrainConfig, params_ok: bool, res: TrainResult) -> str:
     return "skipped" if cfg.nonfinite == "skip" else "zeroed"
 
 
+
+@torch.no_grad()
+def apply_update(cfg: TrainConfig, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
+                 step: Callable[[], None]) -> None:
+    """Clip the gradients to cfg.grad_clip by their pre-clip norm, `step` the optimizer, clamp the
+    parameters to +-cfg.param_clamp. `grad_norm` is a scalar, or one norm per member of an
+    ensemble whose parameters are stacked [M, ...] (model/ensemble.py): each member is clipped
+    by its own norm, with the coefficient clip_grads_with_norm_ computes."""
+    if cfg.grad_clip is not None:
+        if grad_norm.dim() == 0:
+            clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+        else:
+            coef = torch.clamp(cfg.grad_clip / (grad_norm + 1e-6), max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+    step()
+    if cfg.param_clamp is not None:
+        torch._foreach_clamp_min_(params, -cfg.param_clamp)
+        torch._foreach_clamp_max_(params, cfg.param_clamp)
+
 def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -> TrainResult:
     """Train one configuration and return its outcome. Deterministic on CPU for a given seed."""
     t_start = time.perf_counter()
@@ -194,13 +215,14 @@ def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -
         warnings.warn(f"the validation split ({len(data.val)} song(s)) has no chorus frame: chorus "
                       f"F1 is undefined (reported as NaN), and predicting no chorus there is not "
                       f"a collapse", NoChorusWarning, stacklevel=2)
-    return run.resume()
+    return run.run_from()
 
 
 class Run:
-    """The state of one run between steps, so that a run can be resumed mid-way: train() starts
-    one at step 0, model/ensemble.py resumes a member it ejects from a vectorised ensemble at the
-    step (or the validation) where the member needs what only this loop does."""
+    """The state of one run between steps, so that a run can go on from mid-way: train() runs
+    one from step 0; model/ensemble.py trains members together through the step's parts below
+    and hands a member back to run_from at the step (or validation) where it needs what only
+    this loop does."""
 
     def __init__(self, cfg: TrainConfig, data: SongData, model: ChorusCNN, device: str,
                  log: LogFn, t_start: float):
@@ -241,6 +263,149 @@ class Run:
         return locate_params(self.model, self.opt, self.last_update[1], self.last_update[0],
                              self.cfg.param_clamp)
 
+    def run_from(self, epoch: int = 1, done: int = 0,
+                 spent: Optional[tuple[float, float]] = None) -> TrainResult:
+        """Train from `done` steps into `epoch` (done = steps_per_epoch: from its validation) to
+        the end and return the outcome; train() starts at step 0. `spent`: (seconds since the run
+        began, seconds of them in the loop) of a run trained elsewhere until now (an ensemble
+        member going on alone), so that its timings count that time."""
+        cfg = self.cfg
+        if spent is not None:
+            self.t_start, self.t_loop = time.perf_counter() - spent[0], spent[1]
+        self.t_loop = time.perf_counter() - self.t_loop  # t_loop holds the loop time so far
+        for epoch in range(epoch, cfg.epochs + 1):
+            self.model.train()
+            for _ in range(done, cfg.steps_per_epoch):
+                if self.train_step(epoch):
+                    break
+            done = 0
+            if self.stopped:
+                self.res.steps = self.step
+                break
+            self.end_epoch(epoch)
+            if self.validate(epoch):
+                break
+        return self.finish()
+
+    def train_step(self, epoch: int) -> bool:
+        """One step of the loop; True when the run stopped."""
+        self.begin_step()
+        b = self.sampler.next().to(self.device)
+        rng = rng_state(self.device) if self.keep_rng else None  # a replay redraws its dropout
+        loss, grads, grad_norm, chorus_pct = self.forward_backward(b)
+        # The one device sync of the step: these values are logged anyway.
+        loss_v, gn_v, pct_v = torch.stack(
+            [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
+        self.after_sync(loss_v, gn_v, pct_v)
+        if self.scaler_overflowed(loss_v, gn_v):  # fp16: the scaler's own skip, not an event
+            return False
+        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):  # cfg.nonfinite decides
+            return self.nonfinite_step(epoch, b, rng, grads, loss_v, gn_v)
+        if self.spike_skips(epoch, loss_v, gn_v):  # recorded; spike_action=skip drops the update
+            self.skip_update()
+            return False
+        if self.snapshot_due():
+            self.take_snapshot()  # the pre-update state of a finite step
+        self.apply_update(grad_norm, b)
+        return False
+
+    # ---------------------------------------------------------------- the step's parts
+    # train_step above is the whole step; model/ensemble.py calls the same parts for the members
+    # it trains together, so each rule (schedule, logging, spikes, snapshots, clip, clamp) is
+    # written once.
+    def begin_step(self) -> float:
+        """Count the step and set its learning rate (warmup, schedule, halved per rollback);
+        returns it."""
+        self.step += 1
+        if self.scheduled:
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr * self.lr_mult * lr_factor(self.cfg, self.step, self.total_steps)
+        return self.opt.param_groups[0]["lr"]
+
+    def forward_backward(self, b: Batch) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor,
+                                                  torch.Tensor]:
+        """Loss, gradients (unscaled), their pre-clip total norm and the batch's chorus %."""
+        with self.amp():
+            logits = self.model(b.x, b.mask)  # [B, T, 2]
+            loss = masked_cross_entropy(logits, b.y, b.mask)
+        self.opt.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # clip, log and check the true gradients
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = get_total_norm(grads)  # pre-clip, computed even when clipping is off
+        with torch.no_grad():
+            pred = predicted_chorus(logits.detach()) & b.mask
+            chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
+        return loss, grads, grad_norm, chorus_pct
+
+    def after_sync(self, loss_v: float, gn_v: float, pct_v: float) -> None:
+        """The step's values once on the host: logged, kept in the result, fed to the monitor
+        (lead-up of a later event, the spike median)."""
+        step, lr, res = self.step, self.opt.param_groups[0]["lr"], self.res
+        self.log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
+                  "train/chorus_pct": pct_v}, step)
+        res.final_train_loss, res.final_grad_norm = loss_v, gn_v
+        if step == 1:
+            res.init_loss = loss_v
+        self.mon.step(step, loss_v, gn_v, lr)
+
+    def needs_solo(self, loss_v: float, gn_v: float) -> bool:
+        """Whether this step needs more than the common finite update: a non-finite loss or grad
+        norm (the non-finite policy) or a spike that the spike policy skips."""
+        return not (math.isfinite(loss_v) and math.isfinite(gn_v)) or (
+            self.cfg.spike_action == "skip" and self.mon.would_spike(gn_v))
+
+    def scaler_overflowed(self, loss_v: float, gn_v: float) -> bool:
+        """fp16: the *scaled* gradients overflowed. GradScaler skips the step and halves its scale:
+        its normal working, not a non-finite event. At a scale <= 1 the gradients overflow
+        unscaled: that is real and goes to the non-finite policy."""
+        if not (self.scaler is not None and math.isfinite(loss_v) and not math.isfinite(gn_v)
+                and self.scaler.get_scale() > 1.0):
+            return False
+        self.res.scaler_skips += 1
+        self.finish_update()
+        self.log({"nonfinite/scaler_skips": float(self.res.scaler_skips)}, self.step)
+        return True
+
+    def spike_skips(self, epoch: int, loss_v: float, gn_v: float) -> bool:
+        """A finite step: its grad norm counts for max_grad_norm, and a spike is recorded; True
+        when spike_action says to skip its update."""
+        self.max_gn = max(self.max_gn, gn_v)
+        if not self.mon.is_spike(gn_v):
+            return False
+        skip = self.cfg.spike_action == "skip"
+        _record(self.res, self.mon, NonFiniteEvent(self.step, epoch, "grad_spike",
+                                                   "skipped" if skip else "recorded", loss_v,
+                                                   gn_v, self.opt.param_groups[0]["lr"]), None)
+        self.mon.emit(self.step)
+        return skip
+
+    def snapshot_due(self) -> bool:
+        return self.snapshot is not None and self.step % self.cfg.rollback_every == 0
+
+    def take_snapshot(self) -> None:
+        """Keep the current (pre-update) state for a rollback, if its parameters are finite."""
+        if params_finite(self.params):
+            self.snapshot.take(self.step, self.model, self.opt)
+
+    def skip_update(self) -> None:
+        """No update this step (the scaler still moves on: its scale is kept per step)."""
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def apply_update(self, grad_norm: torch.Tensor, b: Batch, bypass_scaler: bool = False) -> None:
+        """Clip by the pre-clip norm, step, clamp (apply_update); `b` is kept for forensics."""
+        apply_update(self.cfg, self.params, grad_norm, lambda: self.finish_update(bypass_scaler))
+        self.updated(b)
+
+    def updated(self, b: Batch) -> None:
+        """This step's update was applied (from batch `b`): a later parameter check names it."""
+        self.last_update = (self.step, b)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.res.steps, self.res.epochs = self.step, epoch
+
     def finish_update(self, bypass_scaler: bool = False) -> None:
         """Step the optimizer (through the scaler unless the grads were sanitised by hand)."""
         if self.scaler is None or bypass_scaler:
@@ -250,124 +415,37 @@ class Run:
         if self.scaler is not None:
             self.scaler.update()
 
-    def resume(self, epoch: int = 1, done: int = 0) -> TrainResult:
-        """Run from `done` steps into `epoch` (done = steps_per_epoch: from its validation) to the
-        end; returns the outcome."""
-        cfg = self.cfg
-        self.t_loop = time.perf_counter() - self.t_loop  # t_loop holds the loop time so far
-        for epoch in range(epoch, cfg.epochs + 1):
-            self.model.train()
-            for _ in range(done, cfg.steps_per_epoch):
-                if self.train_step(epoch):
-                    break
-            done = 0
-            self.res.steps = self.step
-            if self.stopped:
-                break
-            self.res.epochs = epoch
-            if self.validate(epoch):
-                break
-        return self.finish()
+    def nonfinite_step(self, epoch: int, b: Batch, rng: Optional[torch.Tensor],
+                       grads: list[torch.Tensor], loss_v: float, gn_v: float) -> bool:
+        """The non-finite policy (cfg.nonfinite) on a step whose loss or grad norm is not
+        finite; True when the run stopped."""
+        cfg, res = self.cfg, self.res
+        params_ok = params_finite(self.params)
+        kind = "params" if not params_ok else "loss" if not math.isfinite(loss_v) else "grad_norm"
+        action = _action(cfg, params_ok, res)
 
-    def train_step(self, epoch: int) -> bool:
-        """One step of the loop; True when the run stopped."""
-        cfg, model, opt, scaler, res, mon, params = (self.cfg, self.model, self.opt, self.scaler,
-                                                     self.res, self.mon, self.params)
-        log, amp, device = self.log, self.amp, self.device
-        self.step += 1
-        step = self.step
-        if self.scheduled:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * self.lr_mult * lr_factor(cfg, step, self.total_steps)
-        b = self.sampler.next().to(device)
-        rng = rng_state(device) if self.keep_rng else None
-        with amp():
-            logits = model(b.x, b.mask)  # [B, T, 2]
-            loss = masked_cross_entropy(logits, b.y, b.mask)
-        opt.zero_grad(set_to_none=True)
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        if scaler is not None:
-            scaler.unscale_(opt)  # clip, log and check the true gradients
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = get_total_norm(grads)  # pre-clip, computed even when clipping is off
-        with torch.no_grad():
-            pred = predicted_chorus(logits.detach()) & b.mask
-            chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
-        # The one device sync of the step: these values are logged anyway.
-        loss_v, gn_v, pct_v = torch.stack(
-            [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
-        lr = opt.param_groups[0]["lr"]
-        log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
-             "train/chorus_pct": pct_v}, step)
-        res.final_train_loss, res.final_grad_norm = loss_v, gn_v
-        if step == 1:
-            res.init_loss = loss_v
-        mon.step(step, loss_v, gn_v, lr)
+        def locate() -> Optional[Forensics]:  # parameters are still pre-step here
+            if not params_ok:
+                return self.locate_bad_params()
+            with self.amp():
+                return replay(self.model, b, masked_cross_entropy, rng, self.device,
+                              cfg.anomaly_mode)
 
-        if (scaler is not None and math.isfinite(loss_v) and not math.isfinite(gn_v)
-                and scaler.get_scale() > 1.0):
-            # The *scaled* gradients overflowed: GradScaler skips the step and halves its
-            # scale. That is its normal working, not a non-finite event. At a scale <= 1 the
-            # gradients overflow unscaled: that is real and goes to the policy below.
-            res.scaler_skips += 1
-            self.finish_update()
-            log({"nonfinite/scaler_skips": float(res.scaler_skips)}, step)
+        self.event(kind, action, epoch, loss_v, gn_v, locate)
+        if action == "stopped":
+            self.stopped = True
+            return True
+        if action == "zeroed":
+            # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            res.zeroed_steps += 1
+            self.apply_update(get_total_norm(grads), b, bypass_scaler=True)
             return False
-        if math.isfinite(loss_v) and math.isfinite(gn_v):
-            self.max_gn = max(self.max_gn, gn_v)
-            if mon.is_spike(gn_v):
-                skip = cfg.spike_action == "skip"
-                _record(res, mon, NonFiniteEvent(step, epoch, "grad_spike",
-                                                 "skipped" if skip else "recorded",
-                                                 loss_v, gn_v, lr), None)
-                mon.emit(step)
-                if skip:
-                    if scaler is not None:
-                        scaler.update()
-                    return False
-            if (self.snapshot is not None and step % cfg.rollback_every == 0
-                    and params_finite(params)):
-                self.snapshot.take(step, model, opt)  # the pre-update state of a finite step
-            if cfg.grad_clip is not None:
-                clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-            self.finish_update()
-        else:
-            params_ok = params_finite(params)
-            kind = ("params" if not params_ok else
-                    "loss" if not math.isfinite(loss_v) else "grad_norm")
-            action = _action(cfg, params_ok, res)
-
-            def locate() -> Optional[Forensics]:  # parameters are still pre-step here
-                if not params_ok:
-                    return self.locate_bad_params()
-                with amp():
-                    return replay(model, b, masked_cross_entropy, rng, device,
-                                  cfg.anomaly_mode)
-
-            self.event(kind, action, epoch, loss_v, gn_v, locate)
-            if action == "stopped":
-                self.stopped = True
-                return True
-            if action == "zeroed":
-                # "zero": the seed's NaN zeroing, then clip on the sanitised norm and step.
-                for g in grads:
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                res.zeroed_steps += 1
-                if cfg.grad_clip is not None:
-                    clip_grads_with_norm_(params, cfg.grad_clip, get_total_norm(grads))
-                self.finish_update(bypass_scaler=True)
-            else:
-                if action == "rolled_back":
-                    self.snapshot.restore(model, opt)
-                    self.lr_mult *= 0.5
-                if scaler is not None:
-                    scaler.update()
-                return False
-        if cfg.param_clamp is not None:
-            with torch.no_grad():
-                torch._foreach_clamp_min_(params, -cfg.param_clamp)
-                torch._foreach_clamp_max_(params, cfg.param_clamp)
-        self.last_update = (step, b)
+        if action == "rolled_back":
+            self.snapshot.restore(self.model, self.opt)
+            self.lr_mult *= 0.5
+        self.skip_update()
         return False
 
     def validate(self, epoch: int, counts: Optional[FrameCounts] = None) -> bool:

@@ -14,16 +14,7 @@ import pytest
 
 RUNNER = Path(__file__).resolve().parents[1] / "runner.py"
 
-TINY = """\
-name: tiny
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-  lr: [1e-4, 3e-3]
-seeds: 2
-base: {n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 2,
-       steps_per_epoch: 3, batch_size: 8, device: cpu}
-"""
+FACTORS = "factors: {plain_residual: [off, on], lr: [1e-4, 3e-3]}\n"  # (tiny study: 2 seeds)
 
 
 def runner(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -41,9 +32,9 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
+def ran(tmp_path_factory, tiny_study):
     d = tmp_path_factory.mktemp("cli")
-    (d / "tiny.yaml").write_text(TINY)
+    tiny_study(d, "tiny", FACTORS)
     storage, tracking = f"sqlite:///{d}/optuna.db", f"sqlite:///{d}/mlflow.db"
     first = runner(d, "run", "tiny.yaml", "--storage", storage, "--tracking-uri", tracking)
     return d, storage, tracking, first
@@ -86,33 +77,33 @@ def test_cli_run_again_trains_nothing(ran):
     assert not [l for l in p.stdout.splitlines() if l.startswith("[")]
 
 
-def test_cli_status_of_a_study_not_in_the_storage(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+def test_cli_status_of_a_study_not_in_the_storage(tmp_path, tiny_study):
+    tiny_study(tmp_path, "tiny", FACTORS)
     p = runner(tmp_path, "status", "tiny.yaml", "--storage", f"sqlite:///{tmp_path}/empty.db")
     line = one_line_error(p)
     assert "study 'tiny' not found" in line and "empty.db" in line
 
 
-def test_cli_status_with_a_storage_that_cannot_be_opened(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+def test_cli_status_with_a_storage_that_cannot_be_opened(tmp_path, tiny_study):
+    tiny_study(tmp_path, "tiny", FACTORS)
     p = runner(tmp_path, "status", "tiny.yaml", "--storage",
                f"sqlite:///{tmp_path}/no_such_dir/optuna.db")
     line = one_line_error(p)
     assert "no_such_dir" in line
 
 
-def test_cli_bad_workers_and_bad_storage_scheme(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+def test_cli_bad_workers_and_bad_storage_scheme(tmp_path, tiny_study):
+    tiny_study(tmp_path, "tiny", FACTORS)
     line = one_line_error(runner(tmp_path, "run", "tiny.yaml", "--workers", "-1"))
     assert "--workers -1: must be >= 0" in line
     line = one_line_error(runner(tmp_path, "status", "tiny.yaml", "--storage", "redis://x"))
     assert "--storage 'redis://x'" in line
 
 
-def test_cli_unreachable_tracking_server_fails_fast(tmp_path):
+def test_cli_unreachable_tracking_server_fails_fast(tmp_path, tiny_study):
     """Nothing listens on port 9: the run must stop with a one-line error before any training,
     within about a minute (not after MLflow's minutes of HTTP retries)."""
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_study(tmp_path, "tiny", FACTORS)
     t0 = time.monotonic()
     try:
         p = runner(tmp_path, "run", "tiny.yaml", "--storage", f"sqlite:///{tmp_path}/optuna.db",
@@ -126,12 +117,11 @@ def test_cli_unreachable_tracking_server_fails_fast(tmp_path):
     assert "[1/8]" not in p.stdout
 
 
-def test_cli_prints_the_plan_size_first_and_refuses_a_huge_design_without_yes(tmp_path):
+def test_cli_prints_the_plan_size_first_and_refuses_a_huge_design_without_yes(tmp_path, tiny_study):
     """A 20 002-run design (a seed count with a stray digit) stops before any store is made,
     after saying how big it is; --yes lets it through (to the next check here: no tracking
     server on port 9)."""
-    (tmp_path / "huge.yaml").write_text(TINY.replace("  lr: [1e-4, 3e-3]\n", "")
-                                        .replace("seeds: 2", "seeds: 10001"))
+    tiny_study(tmp_path, "huge", "factors: {plain_residual: [off, on]}\nseeds: 10001\n")
     args = ("run", "huge.yaml", "--storage", f"sqlite:///{tmp_path}/optuna.db",
             "--tracking-uri", "http://127.0.0.1:9")
     p = runner(tmp_path, *args)

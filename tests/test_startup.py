@@ -3,7 +3,7 @@
 Commands that do not train (`fixes`, `--help`, `status`, argument errors) must not import torch
 or MLflow (1-3 s each on a busy 2-core machine); timing them is benchmarks/startup.py's job,
 here only what gets imported is checked. Also: the passive OpenMP wait policy that keeps
-threads from spinning on a busy machine (ablations/torch_setup.py), and one-line warnings.
+threads from spinning on a busy machine (ablations/engine/torch_setup.py), and one-line warnings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ablations.torch_setup import calm_openmp, child_env
+from ablations.engine.torch_setup import calm_openmp, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "runner.py"
@@ -36,15 +36,7 @@ sys.path.insert(0, {str(ROOT)!r})
 runpy.run_path({str(RUNNER)!r}, run_name="__main__")
 """
 
-STUDY = """\
-name: tiny
-design: full_factorial
-factors:
-  plain_residual: [off, on]
-seeds: 2
-base: {n_songs: 4, frames: 128, n_features: 8, hidden_dim: 8, n_blocks: 1, epochs: 1,
-       steps_per_epoch: 2, batch_size: 8, device: cpu}
-"""
+ONE_FIX = "factors: {plain_residual: [off, on]}\n"  # the tiny study: 2 x 2 seeds
 
 
 def probe(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
@@ -59,16 +51,17 @@ def probe(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Co
     ["run", "missing.yaml"], ["run", "tiny.yaml", "--workers", "-1"],
     ["worker", "tiny.yaml", "--local-workers", "0"], ["plan", "tiny.yaml"],
 ], ids=lambda a: " ".join(a))
-def test_commands_that_do_not_train_import_neither_torch_nor_mlflow_nor_optuna(tmp_path, args):
-    (tmp_path / "tiny.yaml").write_text(STUDY)
+def test_commands_that_do_not_train_import_neither_torch_nor_mlflow_nor_optuna(tmp_path, args,
+                                                                               tiny_study):
+    tiny_study(tmp_path, "tiny", ONE_FIX)
     p, seen = probe(tmp_path, *args)
     assert p.returncode in (0, 2), p.stderr
     assert "Traceback" not in p.stderr
     assert seen["modules"] == [], seen
 
 
-def test_status_imports_optuna_but_neither_torch_nor_mlflow(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(STUDY)
+def test_status_imports_optuna_but_neither_torch_nor_mlflow(tmp_path, tiny_study):
+    tiny_study(tmp_path, "tiny", ONE_FIX)
     optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     p, seen = probe(tmp_path, "status", "tiny.yaml")
     assert p.returncode == 0, p.stderr

@@ -1,0 +1,133 @@
+"""How a study reads in the MLflow UI, without a browser: run names, headline metrics, strict
+JSON, the saved views' states, when a view is (re)written, stale launches closed.
+
+The browser side (the views drawn, the bars, the description) is tests/tracking/ui/test_ui_browser.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ablations.tracking.ui import views
+from ablations.design.designs import Cell
+from ablations.design.spec import parse_spec
+from ablations.tracking.tracker import (PROCESS_ID, StudyTracker, _strict_json, headline_metrics,
+                                run_name, run_tags)
+from model.train import TrainResult
+
+SPEC = parse_spec({"name": "v", "design": "full_factorial",
+                   "factors": {"input_norm": ["off", "on"], "lr": [1e-3, 1e-2]}, "seeds": 2},
+                  "<test>")
+
+
+def test_run_name_puts_the_seed_first():
+    cell = Cell((("input_norm", True), ("lr", 1e-3)))
+    assert run_name(SPEC, cell, 1) == f"s1 {cell.label(SPEC.factors)}"
+    assert run_name(SPEC, cell, 1).startswith("s1 input_norm=on ")
+
+
+def test_run_tags_have_no_empty_value():
+    tags = run_tags(SPEC, Cell((("input_norm", True), ("lr", 1e-3))), 0, "k", 3, "h:1", 1)
+    assert "roles" not in tags and all(v != "" for v in tags.values())
+    assert tags["seed"] == "0" and tags["run_key"] == "k"
+
+
+def test_headline_metrics_count_a_diverged_run_as_the_analysis_does():
+    ok = TrainResult("converged", 10, 1, final_val_f1=0.912345678)
+    assert headline_metrics(SPEC, ok) == {"diverged": 0.0, "final_val_f1": 0.912}
+    bad = TrainResult("diverged", 3, 1)  # final_val_f1 NaN
+    assert headline_metrics(SPEC, bad) == {"diverged": 1.0, "final_val_f1": 0.0}
+    loss = parse_spec({"name": "l", "design": "full_factorial", "factors": {"lr": [1e-3, 1e-2]},
+                       "seeds": 1, "objective": {"metric": "final_val_loss",
+                                                 "direction": "minimize"}}, "<t>")
+    out = headline_metrics(loss, TrainResult("converged", 10, 1, final_val_f1=0.5,
+                                             final_val_loss=0.123456))
+    assert out["final_val_loss"] == 0.123 and out["final_val_f1"] == 0.5
+    assert "final_val_loss" not in headline_metrics(loss, bad)  # inf: not a metric value
+
+
+def test_strict_json_turns_non_finite_into_null():
+    v = _strict_json({"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": (2, "x")})
+    assert json.dumps(v, allow_nan=False) == '{"a": null, "b": [1.0, null, {"c": null}], "d": [2, "x"]}'
+
+
+LAYOUT = views.StudyLayout([("input_norm", True), ("lr", False)], "final_val_f1", 44)
+
+
+def test_views_show_counted_runs_and_group_per_factor():
+    vs = views.views(LAYOUT)
+    assert list(vs) == ["chorus-study-runs", "chorus-all-attempts", "chorus-by-input_norm",
+                        "chorus-by-lr"]
+    name, runs = vs["chorus-study-runs"]
+    assert name == "Study runs" and runs["searchFilter"] == views.COUNTED
+    assert vs["chorus-all-attempts"][1]["searchFilter"] == ""  # killed attempts a filter away
+    assert runs["runsHiddenMode"] == "SHOW_ALL"  # charts see every run, not the first 10 or 20
+    cols = runs["selectedColumns"]
+    assert cols[:4] == ["tags.`status`", "metrics.`final_val_f1`", "tags.`fix.input_norm`",
+                        "params.`lr`"] and "tags.`seed`" in cols
+    assert runs["columnWidths"][views.NAME_COL] == views.name_width(44) >= 7 * 44
+    _, by_fix = vs["chorus-by-input_norm"]
+    assert by_fix["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "fix.input_norm"}]
+    assert vs["chorus-by-lr"][1]["groupBy"]["groupByKeys"] == [{"mode": "param",
+                                                                "groupByData": "lr"}]
+    cards = by_fix["compareRunCharts"]
+    assert [(c["type"], c["metricKey"]) for c in cards] == [("BAR", "final_val_f1"),
+                                                             ("BAR", "diverged")]
+    first = by_fix["compareRunSections"][0]
+    assert all(c["metricSectionId"] == first["uuid"] for c in cards)
+    assert views.inflate(views.deflate(by_fix)) == by_fix
+
+
+class _Exp:
+    def __init__(self, tags):
+        self.experiment_id, self.tags = "1", tags
+
+
+class _Client:
+    def __init__(self):
+        self.written = {}
+
+    def set_experiment_tag(self, eid, key, value):
+        self.written[key] = value
+
+
+def test_views_are_written_when_absent_or_ours_and_unedited():
+    key = views.PREFIX + views.RUNS_KEY
+    client = _Client()
+    views.write_views(client, _Exp({}), LAYOUT)
+    assert len(client.written) == 4 and json.loads(client.written[key])["name"] == "Study runs"
+    old = json.dumps({"name": "Study runs", "createdAt": 1, "updatedAt": 1, "state": "x"})
+    edited = json.dumps({"name": "Study runs", "createdAt": 1, "updatedAt": 2, "state": "x"})
+    current = client.written[key]
+    for tag, rewritten in ((old, True), (edited, False), (current, False)):
+        client = _Client()
+        views.write_views(client, _Exp({key: tag}), LAYOUT)
+        assert (key in client.written) == rewritten, tag
+
+
+@pytest.fixture()
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = StudyTracker(f"sqlite:///{tmp_path}/mlflow.db", "stale")
+    t.ensure_experiment("a study", {})
+    return t
+
+
+def test_stale_launches_are_closed_live_ones_kept(tracker):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = PROCESS_ID.rsplit(":", 1)[0]
+    gone = tracker.start_launch("gone", {}, {})
+    tracker.client.set_tag(gone, "launched_by", f"{host}:{dead.pid}")
+    alive = tracker.start_launch("alive", {}, {})  # this process: still running
+    remote = tracker.start_launch("remote", {}, {})
+    tracker.client.set_tag(remote, "launched_by", "another-host:1")
+    assert tracker.close_stale_launches() == 1
+    status = {r: tracker.client.get_run(r).info.status for r in (gone, alive, remote)}
+    assert status == {gone: "KILLED", alive: "RUNNING", remote: "RUNNING"}
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training layout
