@@ -52,8 +52,9 @@ def test_stress_factors_are_crossed_and_tagged(stress_study):
 def test_report_has_the_stability_section(stress_study):
     _, _, _, _, rep, out_dir = stress_study
     md = (out_dir / "report.md").read_text()
-    for heading in ("## Stability under stress", "Max stable lr and LR sensitivity per recipe",
-                    "Each fix's effect on stability", "Divergence and collapse per rung",
+    for heading in ("## Stability under stress", "The edge (lr) and LR sensitivity per recipe",
+                    "Each fix's effect on stability, per background and regime",
+                    "Divergence and collapse per rung",
                     "Where runs first went non-finite, per regime"):
         assert heading in md
     assert {"loss_vs_lr", "stability_map"} <= set(rep.figures)
