@@ -77,6 +77,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                                                              f"({spec.direction})",
                 "objective_metric": spec.objective_metric,
                 "runs_total": plan.total, "workers": workers})
+    _write_views(tracker, spec, plan)
     print(f"study {spec.name}: {spec.design}, {len(spec.design_factors)} factors"
           + (f" x stress {', '.join(f.name for f in spec.stress_factors)}"
              if spec.stress_factors else "") + ", "
@@ -115,6 +116,20 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                         "runs_given_up": float(gave_up)},
                        note=launch_note(spec.name, done, total, gave_up, interrupted))
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
+
+
+def _write_views(tracker, spec: StudySpec, plan) -> None:
+    """The study's saved views (ablations/views.py), which run descriptions link to; best
+    effort: browsing works without them, and `runner.py ui` writes them too."""
+    from ablations import views
+    from ablations.tracking import run_name
+
+    try:
+        layout = views.spec_layout(spec, [run_name(spec, r.cell, r.seed) for r in plan])
+        views.write_views(tracker.client, tracker.client.get_experiment(tracker.experiment_id),
+                          layout)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the study's saved views were not written ({e})", file=sys.stderr)
 
 
 def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,

@@ -44,6 +44,7 @@ class Report:
     stability_effects: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: Optional[Path] = None
+    html: Optional[Path] = None
     design: str = ""
     fits: dict[str, fx.FactorialFit] = field(default_factory=dict)  # factorial designs
     aliases: Optional[fx.Aliases] = None
@@ -188,7 +189,7 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
                              squeeze=False)
     for ax, (outcome, title) in zip(axes[0], panels):
         e = effects[effects.outcome == outcome].reset_index(drop=True)
-        labels = [f"{r.factor} ({r.contrast})" for r in e.itertuples()]
+        labels = [f"{r.factor} ({r.contrast}, n={_n(r)})" for r in e.itertuples()]
         y = np.arange(len(e))
         err = np.vstack([e["effect"] - e["low"], e["high"] - e["effect"]]).clip(min=0)
         colors = ["#1f77b4" if (r.low > 0 or r.high < 0) else "#aaaaaa" for r in e.itertuples()]
@@ -211,6 +212,15 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _n(r) -> str:
+    """Runs behind an effect: `counts` (rates: "8/16 vs 8/16") or `n` (continuous outcomes)."""
+    counts = getattr(r, "counts", None)
+    if isinstance(counts, str) and counts:
+        return counts
+    n = getattr(r, "n", None)
+    return "?" if n is None or (isinstance(n, float) and np.isnan(n)) else f"{int(n)}"
 
 
 def fig_path(path_df: pd.DataFrame, out: Path, outcome: str) -> Optional[Path]:
@@ -316,6 +326,10 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
              "and predicts no chorus frame); loss and grad-norm effects use the runs where they are "
              "finite (`dropped` says how many were left out).", ""]
     lines += _search_sections(rep) if search else _effect_sections(rep)
+    if "effects" in rep.figures:  # where a reader looks first: right under the verdicts
+        at = next((i for i, l in enumerate(lines) if l.startswith("Rule applied: ")), len(lines))
+        lines[at:at] = ["### Effects with 95 % CIs (F1 and divergence rate, every fix)", "",
+                        "![effects](effects.png)", ""]
     if rep.stress:
         from ablations import stability_report
 
@@ -325,7 +339,8 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
         rep.figures.update(st_figs)
     lines += ["## Figures", ""]
     for name, fig in rep.figures.items():
-        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
+        if f"![{name}]({fig.name})" not in lines:
+            lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
     if "first_nonfinite" not in rep.figures:
         (out_dir / "first_nonfinite.png").unlink(missing_ok=True)  # an earlier report's
         lines += ["### first non-finite", "", f"No run went non-finite ({len(runs)} runs): no "
@@ -340,6 +355,9 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     md = out_dir / "report.md"
     md.write_text("\n".join(lines))
     rep.markdown = md
+    from ablations.report_html import write_html
+
+    rep.html = write_html(md)  # what MLflow previews, figures included
     (out_dir / "effects.csv").write_text(analysis.buffer_csv(rep.effects))
     (out_dir / "runs.csv").write_text(analysis.buffer_csv(runs))
     return rep
@@ -362,14 +380,15 @@ def _effect_sections(rep: Report) -> list[str]:
                "bootstrap CIs.")
     how += (" Rate differences (divergence, collapse) get Newcombe's score intervals, paired "
             "where the design pairs runs; 0/n vs 0/n is shown as such, with its real interval.")
-    lines = ["## How effects are estimated", "", how, "",
-             "## Verdicts on the seed's claims", "", f"Rule applied: {RULE}", ""]
+    # verdicts first, then (write_report inserts it) the effects figure, then how they were made
+    lines = ["## Verdicts on the seed's claims", ""]
     if rep.verdicts.empty:
         lines += ["No fix of the seed is a factor of this study.", ""]
     else:
         lines += [analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "reason",
                                                      "claim"]]), "",
                   analysis.critical_agreement(rep.verdicts), ""]
+    lines += [f"Rule applied: {RULE}", "", "## How effects are estimated", "", how, ""]
     if factorial:
         f1 = rep.fits.get("final_val_f1")
         lines += ["## Factorial model", "",

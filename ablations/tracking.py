@@ -48,7 +48,8 @@ from mlflow.tracking import MlflowClient
 from ablations import identity
 from ablations.fixes import FIXES
 from ablations.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
-from ablations.views import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
+from ablations.views import (KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch,
+                             md_escape, siblings_url, study_runs_url)
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # only their attributes are used: no import of the study mach
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (Markdown) in the UI
 HEADLINE_F1 = "final_val_f1"
+SPIKES_KEY = "grad/spike_warnings"  # train()'s nonfinite/spikes, on MLflow (see ChildRun.log)
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"  # who started a launch run
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: hundreds
 # of lines between our progress lines. `runner.py ui` prints the study's URL instead.
@@ -144,12 +146,25 @@ def _nonempty(tags: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v != ""}
 
 
-def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
-    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
+def run_links(experiment_id: str, cell_id: str, launch_run_id: Optional[str]) -> str:
+    """The way back from a run's page: the study's runs, the cell's seeds, the report (on the
+    launch run; `log_report` re-points runs of other launches at the one that has it)."""
+    links = [f"[study runs]({study_runs_url(experiment_id)})",
+             f"[this cell's seeds]({siblings_url(experiment_id, cell_id)})"]
+    if launch_run_id:
+        links.append(f"[report]({artifact_url(experiment_id, launch_run_id, REPORT_PATH)})")
+    return "**Back to:** " + " | ".join(links)
+
+
+def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult,
+             links: str = "") -> str:
+    """The run's description on its MLflow page (Markdown): the links back to the study (first:
+    the UI shows a description's first lines only), outcome, then what it was."""
     def num(v: Optional[float], fmt: str = ".3f") -> str:
         return "-" if v is None or not math.isfinite(v) else format(v, fmt)
 
-    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
+    lines = [links] if links else []
+    lines += [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
              f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
     if res.first_nonfinite_step is not None:
         where = getattr(res, "first_nonfinite_where", "")
@@ -189,7 +204,7 @@ def report_note(verdicts: list[tuple[str, str]], table_md: str, agreement: str, 
                or "no fix of the seed is a factor of this study") + ".")
     parts = [f"**Full report:** [{REPORT_PATH}]({link}) (effects with 95 % CIs, interactions, "
              f"figures; also under Artifacts > report).", head]
-    parts += [p for p in (agreement, table_md, launch) if p]
+    parts += [md_escape(p) for p in (agreement, table_md, launch) if p]
     return "\n\n".join(parts)
 
 
@@ -263,12 +278,31 @@ class StudyTracker:
         self.client.set_tag(rid, "report", REPORT_PATH)
         self.client.set_tag(rid, NOTE_TAG, report_note(verdicts, table_md, agreement, runs, link,
                                                        summary))
+        self._repoint_report_links(rid)
         exp = self.client.get_experiment(self.experiment_id)
         base = (exp.tags or {}).get("study.description") or (exp.tags or {}).get(NOTE_TAG, "")
         self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, (
             f"{base}\n\n**Verdicts and report** ({runs} counted runs): [{launch.info.run_name}]"
             f"({link})" if base else f"**Verdicts and report:** [{launch.info.run_name}]({link})"))
         return rid
+
+    def _repoint_report_links(self, launch_id: str) -> int:
+        """Runs of earlier launches (a resumed study) link to their own launch's report, which
+        does not exist: point them at this one. Runs of this launch need no write."""
+        moved, token = 0, None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "tags.kind = 'run'",
+                                           max_results=1000, page_token=token)
+            for r in page:
+                note, parent = r.data.tags.get(NOTE_TAG, ""), r.data.tags.get("mlflow.parentRunId")
+                old = f"/runs/{parent}/artifacts/{REPORT_PATH}"
+                if parent and parent != launch_id and old in note:
+                    new = note.replace(old, f"/runs/{launch_id}/artifacts/{REPORT_PATH}")
+                    self.client.set_tag(r.info.run_id, NOTE_TAG, new)
+                    moved += 1
+            token = page.token
+            if not token:
+                return moved
 
     def latest_launch(self, with_report: bool = False):
         """The study's most recent launch run, or the most recent one with a report."""
@@ -348,7 +382,7 @@ class StudyTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = tracking_retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name,
                                                             tags=all_tags), "create run")
-        child = ChildRun(self.client, run.info.run_id)
+        child = ChildRun(self.client, run.info.run_id, experiment_id=self.experiment_id)
         # fixes as params too: the compare page's parallel coordinates only offer params
         params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
                   for k, v in cfg.to_dict().items()]
@@ -360,18 +394,38 @@ class StudyTracker:
 class ChildRun:
     """One run's MLflow run: buffered step metrics, outcome, artifacts. `log` is train()'s logger."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = MAX_BATCH):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = MAX_BATCH,
+                 experiment_id: str = ""):
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.experiment_id = experiment_id
         self.buffer: list[Metric] = []
         self.rows: list[tuple[int, str, float]] = []  # full-resolution curves, NaN included
+        self.held: list[Metric] = []  # train/lr while it has not changed (see `log`)
+        self.lr_varies = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer one call of train()'s `log`; the nonfinite/* counts arrive from train() too."""
+        """Buffer one call of train()'s `log`; the nonfinite/* counts arrive from train() too.
+
+        Two keys are changed on the way to MLflow (curves.csv keeps train()'s): `train/lr` is
+        held back until it changes within the run (warmup, a schedule, a rollback's cut), since a
+        constant lr draws as a flat line on a meaningless axis; and `nonfinite/spikes` (warnings
+        about large but finite gradients) becomes `grad/spike_warnings`, out of the nonfinite
+        section of a run that never went non-finite."""
         ts = _now_ms()
         for k, v in metrics.items():
             self.rows.append((step, k, v))
-            if math.isfinite(v):
-                self.buffer.append(Metric(k, v, ts, step))
+            if not math.isfinite(v):
+                continue
+            k = SPIKES_KEY if k == "nonfinite/spikes" else k
+            if k == "train/lr" and not self.lr_varies:
+                if self.held and v != self.held[0].value:
+                    self.lr_varies = True
+                    self.buffer += self.held
+                    self.held = []
+                else:
+                    self.held.append(Metric(k, v, ts, step))
+                    continue
+            self.buffer.append(Metric(k, v, ts, step))
         if len(self.buffer) >= self.flush_every:
             self.flush()
 
