@@ -166,7 +166,6 @@ def test_a_worker_with_credentials_runs_the_study(server):
     worker = _runner(server, "worker", "team.yaml", "--tracking-uri", server["url"], "--no-wait",
                      **creds)
     assert worker.returncode == 0, worker.stdout + worker.stderr
-    from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
     with _credentials("alice", ALICE_PW):
@@ -174,10 +173,7 @@ def test_a_worker_with_credentials_runs_the_study(server):
         exp = client.get_experiment_by_name("team")
         runs = client.search_runs([exp.experiment_id], "tags.kind = 'run'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    with _credentials("admin", ADMIN_PW):  # the experiment is alice's: she created it
-        perm = get_app_client("basic-auth", tracking_uri=server["url"]).get_experiment_permission(
-            exp.experiment_id, "alice")
-    assert perm.permission == "MANAGE", perm
+    assert all(r.data.tags.get("worker") for r in runs)  # (the queuer trains nothing: --workers 0)
 
 
 @contextlib.contextmanager
