@@ -122,6 +122,40 @@ def test_html_report_embeds_every_figure_and_leaves_no_markdown(tiny_study):
     assert "<table>" in page and "<code>" in page
 
 
+def test_a_moved_study_folder_still_opens_its_artifacts(tiny_study, tmp_path):
+    """A finished study's folder (mlflow.db + mlruns/) moved elsewhere, the original gone:
+    before relocation a run's artifacts are lost, after it (what `runner.py ui` does first) they
+    open from the new place; a second pass changes nothing."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from ablations.relocate import relocate
+
+    src, _ = tiny_study
+    moved = tmp_path / "elsewhere" / "study"
+    shutil.copytree(src, moved, ignore=shutil.ignore_patterns("rep*"))
+    hidden = src.with_name(src.name + "-gone")
+    src.rename(hidden)  # the original is gone (put back below for the other tests)
+    try:
+        client = MlflowClient(f"sqlite:///{moved}/mlflow.db")
+        exp = client.get_experiment_by_name("tinyrep")
+        run = client.search_runs([exp.experiment_id], "tags.kind = 'run'", max_results=1)[0]
+        assert str(src) in run.info.artifact_uri  # the old machine's path
+        with pytest.raises(Exception):
+            client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))
+        changes = relocate(str(moved / "mlflow.db"))
+        assert [c[0] for c in changes] == [exp.experiment_id]
+        run = client.get_run(run.info.run_id)
+        assert run.info.artifact_uri.startswith(str(moved / "mlruns")), run.info.artifact_uri
+        assert client.get_experiment(exp.experiment_id).artifact_location.startswith(str(moved))
+        got = client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))
+        assert '"status"' in Path(got).read_text()
+        assert relocate(str(moved / "mlflow.db")) == []  # already inside its folder
+    finally:
+        hidden.rename(src)
+
+
 def test_runner_report_cli(tiny_study):
     """`runner.py report` prints the verdicts and writes the report (exit 0)."""
     tmp, uri = tiny_study
