@@ -281,9 +281,9 @@ class StudyTracker:
         self._repoint_report_links(rid)
         exp = self.client.get_experiment(self.experiment_id)
         base = (exp.tags or {}).get("study.description") or (exp.tags or {}).get(NOTE_TAG, "")
+        # first, on the one line the runs page shows before its "expand" chevron
         self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, (
-            f"{base}\n\n**Verdicts and report** ({runs} counted runs): [{launch.info.run_name}]"
-            f"({link})" if base else f"**Verdicts and report:** [{launch.info.run_name}]({link})"))
+            f"[**Report**]({link})" + (f" · {base}" if base else "")))
         return rid
 
     def _repoint_report_links(self, launch_id: str) -> int:

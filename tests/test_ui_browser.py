@@ -355,6 +355,9 @@ def _runs_table(page, url: str, runs, killed, shots) -> None:
     expect(page.get_by_text("matching runs")).to_be_visible()
     _close_assistant(page)
     expect(page.get_by_text(DESCRIPTION)).to_be_visible()  # the study description
+    report = page.get_by_role("link", name="Report", exact=True)  # on its first line, unclipped
+    expect(report).to_be_visible()
+    expect(report).to_have_attribute("href", re.compile(r"/artifacts/report/report\.html\?"))
     expect(page.get_by_text("Error loading shared view state")).to_have_count(0)
     expect(page.get_by_role("button", name="Study runs")).to_be_visible()  # the saved view
     expect(page.get_by_text(f"{RUNS} matching runs")).to_be_visible()  # killed attempt left out
@@ -610,6 +613,8 @@ def test_dashboard_serves_the_optuna_study(study, tmp_path):
                 expect(page.get_by_text("tiny").first).to_be_visible(timeout=UI_TIMEOUT_MS)
                 expect(page.locator(".js-plotly-plot").first).to_be_visible(
                     timeout=UI_TIMEOUT_MS)
+                # a factorial study: its importance chart is not the analysis, and says so
+                expect(page.get_by_text("Not the analysis.")).to_be_visible(timeout=UI_TIMEOUT_MS)
                 shots(page, "11-optuna-dashboard")
                 browser.close()
         assert served.interrupt() == 0

@@ -199,3 +199,19 @@ def test_tracking_refusals_say_which_variable_to_fix(monkeypatch):
     assert "check MLFLOW_TRACKING_PASSWORD for user 'alice'" in msg and "s3cret" not in msg
     assert "HTTP 403" in _tracking_refusal(Exception("failed with error code 403 != 200"))
     assert _tracking_refusal(ConnectionError("refused")).startswith("cannot reach the tracking")
+
+
+def test_factorial_studies_tell_optuna_dashboard_its_importance_is_not_the_analysis():
+    optuna = pytest.importorskip("optuna")
+    dash = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard (dev extra)")
+    from ablations.launch import dashboard_note, write_dashboard_note
+
+    study = optuna.create_study(study_name="v")
+    write_dashboard_note(study, SPEC)
+    note = dash.get_note(study)
+    assert note.startswith("**Not the analysis.**") and "runner.py report <test>" in note
+    write_dashboard_note(study, SPEC)  # unchanged: not written again
+    assert dash.get_note(study) == note
+    search = parse_spec({"name": "s", "design": "search", "factors": {"lr": [1e-3, 1e-2]},
+                         "seeds": 1, "budget": {"trials": 2}}, "<t>")
+    assert dashboard_note(search) is None  # importance is a search study's analysis
