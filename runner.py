@@ -207,7 +207,7 @@ def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
         return False
     print(f"\nverdicts ({len(rep.runs)} runs):")
     print("\n".join(report.verdict_lines(rep)))
-    print(f"report: {rep.markdown} ({len(rep.figures)} figures)"
+    print(f"report: {rep.markdown} ({len(rep.figures)} figures; with them: {rep.html})"
           + (f"; logged to MLflow run {parent}" if parent else ""))
     return True
 

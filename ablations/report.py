@@ -1,6 +1,6 @@
 """The study report: figures (PNG) and a Markdown file with verdicts and effects.
 
-    python runner.py report studies/quick.yaml          # -> reports/quick/report.md + *.png
+    python runner.py report studies/quick.yaml  # -> reports/quick/report.md, report.html, *.png
 
 Every figure reads from `ablations.analysis` only; the report is also logged to the study's
 latest launch (parent) run in MLflow under `report/`.
@@ -466,7 +466,7 @@ def fig_half_normal(fit: fx.FactorialFit, out: Path) -> Optional[Path]:
 def log_to_mlflow(study: str, tracking_uri: Optional[str], out_dir: Path,
                   rep: Optional[Report] = None) -> Optional[str]:
     """Attach the report folder to the study's latest launch (parent) run and write the verdicts
-    and a link to report.md into its description (and a link into the experiment's); launch
+    and a link to report.html into its description (and a link into the experiment's); launch
     runs whose launcher died are closed first. Returns the run id (None: no launch run)."""
     from ablations.tracking import StudyTracker
 

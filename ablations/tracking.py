@@ -5,7 +5,7 @@ step: 7.6 ms per value on SQLite vs ~0.05 ms batched, measured here), flushed ev
 `flush_every` values, at the end and on failure. Non-finite values are not written as metric
 values (they break MLflow's charts); the full-resolution curves artifact (curves.csv) keeps every
 value, NaN included. train() itself logs the step curves `nonfinite/events`,
-`nonfinite/skipped_steps` and `nonfinite/spikes` at the steps where they change; each run gets
+`nonfinite/skipped_steps` and `nonfinite/spikes` (-> grad/spike_warnings) where they change; each gets
 the table `nonfinite_events.csv` (one row per non-finite event: where, statistics, songs,
 lead-up), `grad_spikes.csv` when the spike check warned (same columns: a spike is a warning about
 a finite gradient, not a non-finite event), and the tags `status` and `first_nonfinite_where`
