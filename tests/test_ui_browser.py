@@ -9,7 +9,11 @@ download) opens the URLs the command printed and checks what a user must see: th
 runs (not the killed attempt) with full names, seed first, at 1600 px; the status, objective,
 fix and seed columns; grouped bar charts of F1 by a fix with two bars, of different heights
 where the effect is real; the launch run's description with the verdicts and a working link to
-the report; the runs filtered by `tags.status`; one run's `train/loss` chart. Ctrl-C then stops
+the report; report.html in MLflow's HTML preview with every figure drawn and the effects right
+under the verdicts; no relative link (`/context`) on a description; the curves sections before
+the outcome bars in the chart view; a run's description leading back to the study view, its
+cell's seeds (opened) and the report; the runs filtered by `tags.status`; one run's
+`train/loss` chart; optuna-dashboard's note that its importance is not the analysis. Ctrl-C stops
 the UI with no process left behind. Screenshots go to the test's tmp dir (printed) and, if set,
 to $CHORUS_SCREENSHOTS.
 
