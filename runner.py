@@ -28,6 +28,7 @@ calm_openmp()  # before anything can load torch (and its OpenMP runtime): see ab
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -213,7 +214,7 @@ def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
         return False
     print(f"\nverdicts ({len(rep.runs)} runs):")
     print("\n".join(report.verdict_lines(rep)))
-    print(f"report: {rep.markdown} ({len(rep.figures)} figures)"
+    print(f"report: {rep.markdown} ({len(rep.figures)} figures; with them: {rep.html})"
           + (f"; logged to MLflow run {parent}" if parent else ""))
     return True
 
@@ -327,15 +328,18 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ablations.engine.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING
+    from ablations.engine.defaults import DEFAULT_STORAGE, DEFAULT_TRACKING, STORAGE_ENV
 
+    # The storage URL may carry a password: from the environment it stays off command lines,
+    # where `ps` shows it to every user of the machine (a ~/.pgpass file is the other way).
+    storage = os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    storage_help = (f"Optuna storage URL (default ${STORAGE_ENV} if set, else {DEFAULT_STORAGE}; "
+                    f"postgresql://... to share a study between machines)")
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stores(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--storage", default=DEFAULT_STORAGE,
-                        help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://... to "
-                             f"share a study between machines)")
+        sp.add_argument("--storage", default=storage, help=storage_help)
         sp.add_argument("--tracking-uri", default=DEFAULT_TRACKING,
                         help=f"MLflow tracking URI (default {DEFAULT_TRACKING})")
 
@@ -363,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="done / running / failed / queued runs of a study")
     s.add_argument("study")
-    s.add_argument("--storage", default=DEFAULT_STORAGE)
+    s.add_argument("--storage", default=storage, help=storage_help)
     s.set_defaults(func=cmd_status)
 
     pl = sub.add_parser("plan", help="design, estimated wall time and power of a study, before "
@@ -423,8 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_ui)
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the study storage, on 127.0.0.1")
-    d.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    d.add_argument("--storage", default=storage, help=storage_help)
     d.add_argument("--port", type=port, default=8080, help="port on 127.0.0.1 (default 8080)")
     d.add_argument("--study", default=None,
                    help="study name: print only its page's URL (default: every study's)")

@@ -164,7 +164,7 @@ def cluster_bootstrap_coverage(seeds: int, repeats: int, seed: int = 0) -> tuple
     and run noise (sd 0.05)."""
     import itertools
 
-    from ablations import effects
+    from ablations.results import effects
 
     rng = np.random.default_rng(seed)
     cells = list(itertools.product([False, True], repeat=3))
@@ -183,7 +183,7 @@ def cluster_bootstrap_coverage(seeds: int, repeats: int, seed: int = 0) -> tuple
         if "boot_low" in fit.table:
             boot += r["boot_low"] <= 0.05 <= r["boot_high"]
         else:  # below BOOT_MIN_SEEDS the report does not compute it: compute it here anyway
-            from ablations.effects import _design_matrix, _seed_bootstrap, coded
+            from ablations.results.effects import _design_matrix, _seed_bootstrap, coded
             X = _design_matrix(coded(pd.DataFrame(rows), ["a", "b", "c"]),
                                [frozenset(w) for w in (["a"], ["b"], ["c"], ["a", "b"],
                                                        ["a", "c"], ["b", "c"])], ["a", "b", "c"])

@@ -16,13 +16,15 @@ MAX_LINES = 550
 # ablations/<layer>/ -> the layers its modules may import (besides their own, `model` and the
 # package roots). The design is read by everyone; tracking is the only layer that talks to MLflow;
 # the engine runs trials and records them through tracking; results compute on what tracking
-# reads back; the UI (tracking/ui/) shows what tracking wrote; runner.py wires them all.
+# reads back; the UI (tracking/ui/) shows what tracking wrote; runner.py wires them all. A launch
+# (engine) writes the study's saved views (tracking/ui/views.py) so that run descriptions can
+# link to them from the first run on; tracking itself never imports the UI.
 LAYERS = ("design", "engine", "tracking", "tracking.ui", "results")
 MAY_IMPORT = {
     "design": set(),
     "tracking": {"design"},
     "tracking.ui": {"design", "tracking"},
-    "engine": {"design", "tracking"},
+    "engine": {"design", "tracking", "tracking.ui"},
     "results": {"design", "tracking"},
 }
 # What results may read through tracking: the read modules, never the writer.

@@ -49,10 +49,12 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
            out=sys.stdout, device: Optional[str] = None,
            threads: Optional[int] = None, ensemble: str = "auto") -> LaunchResult:
     """Create/resume the study, enqueue what is missing, run it with `workers` local processes."""
-    from ablations.tracking.tracker import StudyTracker, launch_note
+    from ablations.tracking.notes import launch_note
+    from ablations.tracking.tracker import StudyTracker
 
     check_tracking(tracking_uri)
     storage, study = open_study(spec, storage_url, create=True)
+    write_dashboard_note(study, spec)
     plan = plan_of(spec)
     tracker = StudyTracker(tracking_uri, spec.name)
     with queue_lock(storage, spec.name):
@@ -77,6 +79,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                                                              f"({spec.direction})",
                 "objective_metric": spec.objective_metric,
                 "runs_total": plan.total, "workers": workers})
+    _write_views(tracker, spec, plan)
     print(f"study {spec.name}: {spec.design}, {len(spec.design_factors)} factors"
           + (f" x stress {', '.join(f.name for f in spec.stress_factors)}"
              if spec.stress_factors else "") + ", "
@@ -115,6 +118,51 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
                         "runs_given_up": float(gave_up)},
                        note=launch_note(spec.name, done, total, gave_up, interrupted))
     return LaunchResult(total, done, gave_up, interrupted, parent, experiment_id, summary)
+
+
+def dashboard_note(spec: StudySpec) -> Optional[str]:
+    """The study note optuna-dashboard shows above its charts: for a design (not a search), a
+    warning that its importance chart is not the study's analysis."""
+    if spec.design == "search":
+        return None
+    return (f"**Not the analysis.** `{spec.name}` is a {spec.design.replace('_', ' ')} study: the "
+            f"design fixed its cells and seeds, no sampler chose them. The Hyperparameter "
+            f"Importance chart here is fANOVA on the objective over all runs; it ignores the "
+            f"design, gives no interval and can rank factors that have no effect (it splits "
+            f"importance between them). The effects with 95 % CIs and the verdicts are in the "
+            f"report: `python runner.py report {spec.source}`, or report/report.html on the "
+            f"study's launch run in MLflow.")
+
+
+def write_dashboard_note(study, spec: StudySpec) -> None:
+    """Put dashboard_note on the study where optuna-dashboard is installed (its own format);
+    written once, rewritten only when the text changes."""
+    import importlib.util
+
+    note = dashboard_note(spec)
+    if note is None or importlib.util.find_spec("optuna_dashboard") is None:
+        return
+    try:
+        import optuna_dashboard
+
+        if optuna_dashboard.get_note(study) != note:
+            optuna_dashboard.save_note(study, note)
+    except Exception as e:  # noqa: BLE001 - a note is not worth failing a launch for
+        print(f"warning: optuna-dashboard note not written ({e})", file=sys.stderr)
+
+
+def _write_views(tracker, spec: StudySpec, plan) -> None:
+    """The study's saved views (ablations/tracking/ui/views.py), which run descriptions link
+    to; best effort: browsing works without them, and `runner.py ui` writes them too."""
+    from ablations.tracking.ui import views
+    from ablations.tracking.tracker import run_name
+
+    try:
+        layout = views.spec_layout(spec, [run_name(spec, r.cell, r.seed) for r in plan])
+        views.write_views(tracker.client, tracker.client.get_experiment(tracker.experiment_id),
+                          layout)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the study's saved views were not written ({e})", file=sys.stderr)
 
 
 def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,

@@ -126,8 +126,23 @@ def check_tracking(tracking_uri: str) -> None:
     try:
         check_reachable(tracking_uri)
     except Exception as e:
-        raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: cannot reach the tracking store "
-                         f"({describe_error(e)})") from None
+        raise StoreError(f"--tracking-uri {safe_url(tracking_uri)}: " + _tracking_refusal(e)) from None
+
+
+def _tracking_refusal(e: Exception) -> str:
+    """Why the tracking store said no, in words: a team server (`mlflow server --app-name
+    basic-auth`) answers 401 to missing or wrong credentials and 403 to a user without access."""
+    msg = str(e)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 401" in msg:
+        return ("the tracking server refused the credentials (HTTP 401): "
+                + (f"check MLFLOW_TRACKING_PASSWORD for user {user!r}" if user and
+                   os.environ.get("MLFLOW_TRACKING_PASSWORD") else
+                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"))
+    if "error code 403" in msg:
+        return (f"user {user!r} may not use this tracking server's experiments (HTTP 403): ask "
+                f"its admin for a permission")
+    return f"cannot reach the tracking store ({describe_error(e)})"
 
 
 def check_joinable(spec: StudySpec, storage_url: str, tracking_uri: str) -> None:

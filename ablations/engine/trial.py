@@ -94,9 +94,11 @@ def _children_fail_with(children: list[Any]):
 
 def _finish_child(ctx: WorkerContext, child: Any, cfg: TrainConfig, cell: Cell, seed: int,
                   res: TrainResult) -> None:
-    from ablations.tracking.tracker import run_note
+    from ablations.tracking.notes import run_links, run_note
 
-    child.finish(res, extra_tags={"mlflow.note.content": run_note(ctx.spec, cell, seed, cfg, res)},
+    links = run_links(child.experiment_id, cell.cell_id, ctx.parent_run_id)
+    child.finish(res, extra_tags={"mlflow.note.content": run_note(ctx.spec, cell, seed, cfg, res,
+                                                                  links)},
                  spec=ctx.spec)
 
 

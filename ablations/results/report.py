@@ -1,9 +1,9 @@
 """The study report: figures (PNG) and a Markdown file with verdicts and effects.
 
-    python runner.py report studies/quick.yaml          # -> reports/quick/report.md + *.png
+    python runner.py report studies/quick.yaml  # -> reports/quick/report.md, report.html, *.png
 
-Every figure reads from `ablations.results.analysis` only; the report is also logged to the study's
-latest launch (parent) run in MLflow under `report/`.
+Every figure reads from `ablations.results.analysis` only; the tracker attaches the report to the
+study's latest launch run in MLflow under `report/`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations.results import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
 from ablations.design.fixes import FIXES  # noqa: E402
+from ablations.results import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
 from ablations.results.verdicts import RULE  # noqa: E402
 
 OFF_ON_COLORS = {"off": "#d62728", "on": "#1f77b4"}
@@ -46,15 +46,12 @@ class Report:
     rate_tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # one-at-a-time, per background
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: Optional[Path] = None
+    html: Optional[Path] = None
     design: str = ""
     fits: dict[str, fx.FactorialFit] = field(default_factory=dict)  # factorial designs
     aliases: Optional[fx.Aliases] = None
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)  # search designs
     associations: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def two_level(runs: pd.DataFrame, factors: list[str]) -> list[str]:
-    return [f for f in factors if runs[f].nunique(dropna=True) == 2]
 
 
 def _arm(runs: pd.DataFrame, f: str, value) -> str:
@@ -68,7 +65,7 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
                out: Path) -> Optional[Path]:
     """Per factor (rows) x metric (columns): median over runs per step, inter-quartile band, for
     each arm; x marks where diverged runs first went non-finite."""
-    facs = two_level(runs, factors)
+    facs = fx.two_level(runs, factors)
     if not facs:
         return None
     fig, axes = plt.subplots(len(facs), len(CURVE_METRICS), figsize=(13, 2.6 * len(facs) + 0.6),
@@ -121,7 +118,7 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
 
 def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path) -> Optional[Path]:
     """Divergence rate among runs with fix A and fix B both off (diagonal: A off alone)."""
-    facs = [f for f in two_level(runs, factors) if f in FIXES]
+    facs = [f for f in fx.two_level(runs, factors) if f in FIXES]
     n = len(facs)
     if n == 0:
         return None
@@ -190,7 +187,7 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
                              squeeze=False)
     for ax, (outcome, title) in zip(axes[0], panels):
         e = effects[effects.outcome == outcome].reset_index(drop=True)
-        labels = [f"{r.factor} ({r.contrast})" for r in e.itertuples()]
+        labels = [f"{r.factor} ({r.contrast}, n={_n(r)})" for r in e.itertuples()]
         y = np.arange(len(e))
         err = np.vstack([e["effect"] - e["low"], e["high"] - e["effect"]]).clip(min=0)
         colors = ["#1f77b4" if (r.low > 0 or r.high < 0) else "#aaaaaa" for r in e.itertuples()]
@@ -213,6 +210,15 @@ def fig_effects(effects: pd.DataFrame, out: Path) -> Optional[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _n(r) -> str:
+    """Runs behind an effect: `counts` (rates: "8/16 vs 8/16") or `n` (continuous outcomes)."""
+    counts = getattr(r, "counts", None)
+    if isinstance(counts, str) and counts:
+        return counts
+    n = getattr(r, "n", None)
+    return "?" if n is None or (isinstance(n, float) and np.isnan(n)) else f"{int(n)}"
 
 
 def fig_path(path_df: pd.DataFrame, out: Path, outcome: str) -> Optional[Path]:
@@ -333,6 +339,10 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
              "and predicts no chorus frame); loss and grad-norm effects use the runs where they are "
              "finite (`dropped` says how many were left out).", ""]
     lines += _search_sections(rep) if search else _effect_sections(rep)
+    if "effects" in rep.figures:  # where a reader looks first: right under the verdicts
+        at = next((i for i, l in enumerate(lines) if l.startswith("Rule applied: ")), len(lines))
+        lines[at:at] = ["### Effects with 95 % CIs (F1 and divergence rate, every fix)", "",
+                        "![effects](effects.png)", ""]
     if rep.stress:
         from ablations.results import stability_report
 
@@ -343,7 +353,8 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
         rep.figures.update(st_figs)
     lines += ["## Figures", ""]
     for name, fig in rep.figures.items():
-        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
+        if f"![{name}]({fig.name})" not in lines:
+            lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.name})", ""]
     if "first_nonfinite" not in rep.figures:
         (out_dir / "first_nonfinite.png").unlink(missing_ok=True)  # an earlier report's
         lines += ["### first non-finite", "", f"No run went non-finite ({len(runs)} runs): no "
@@ -358,6 +369,9 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     md = out_dir / "report.md"
     md.write_text("\n".join(lines))
     rep.markdown = md
+    from ablations.results.report_html import write_html
+
+    rep.html = write_html(md)  # what MLflow previews, figures included
     (out_dir / "effects.csv").write_text(analysis.buffer_csv(rep.effects))
     (out_dir / "runs.csv").write_text(analysis.buffer_csv(runs))
     return rep
@@ -390,14 +404,15 @@ def _effect_sections(rep: Report) -> list[str]:
                "t CIs (Welch's where unpaired).")
     how += (" Rate differences (divergence, collapse) get Newcombe's score intervals, paired "
             "where the design pairs runs; 0/n vs 0/n is shown as such, with its real interval.")
-    lines = ["## How effects are estimated", "", how, "",
-             "## Verdicts on the seed's claims", "", f"Rule applied: {RULE}", ""]
+    # verdicts first, then (write_report inserts it) the effects figure, then how they were made
+    lines = ["## Verdicts on the seed's claims", ""]
     if rep.verdicts.empty:
         lines += ["No fix of the seed is a factor of this study.", ""]
     else:
         lines += [analysis.to_markdown(rep.verdicts[["fix", "critical", "verdict", "reason",
                                                      "claim"]]), "",
                   analysis.critical_agreement(rep.verdicts), ""]
+    lines += [f"Rule applied: {RULE}", "", "## How effects are estimated", "", how, ""]
     if factorial:
         f1 = rep.fits.get("final_val_f1")
         lines += ["## Factorial model", "",

@@ -5,7 +5,7 @@ step: 7.6 ms per value on SQLite vs ~0.05 ms batched, measured here), flushed ev
 `flush_every` values, at the end and on failure. Non-finite values are not written as metric
 values (they break MLflow's charts); the full-resolution curves artifact (curves.csv) keeps every
 value, NaN included. train() itself logs the step curves `nonfinite/events`,
-`nonfinite/skipped_steps` and `nonfinite/spikes` at the steps where they change; each run gets
+`nonfinite/skipped_steps` and `nonfinite/spikes` (-> grad/spike_warnings) where they change; each gets
 the table `nonfinite_events.csv` (one row per non-finite event: where, statistics, songs,
 lead-up), `grad_spikes.csv` when the spike check warned (same columns: a spike is a warning about
 a finite gradient, not a non-finite event), and the tags `status` and `first_nonfinite_where`
@@ -46,9 +46,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablations.design import identity
-from ablations.design.fixes import FIXES
+from ablations.tracking.names import (KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url,
+                                      latest_launch)
+from ablations.tracking.notes import fix_states, launch_note, report_note
 from ablations.tracking.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
-from ablations.tracking.names import KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url, latest_launch
 from model.config import TrainConfig
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # only their attributes are used: no import of the study mach
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (Markdown) in the UI
 HEADLINE_F1 = "final_val_f1"
+SPIKES_KEY = "grad/spike_warnings"  # train()'s nonfinite/spikes, on MLflow (see ChildRun.log)
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"  # who started a launch run
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: hundreds
 # of lines between our progress lines. `runner.py ui` prints the study's URL instead.
@@ -89,17 +91,6 @@ def git_commit() -> str:
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def fix_states(cfg: TrainConfig) -> dict[str, str]:
-    """on / off / other for every fix, read off the resolved config (so filters work on all fixes)."""
-    d = cfg.to_dict()
-    out = {}
-    for name, fix in FIXES.items():
-        def matches(vals: dict[str, Any]) -> bool:
-            return all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in vals.items())
-        out[name] = "on" if matches(fix.after) else "off" if matches(fix.before) else "other"
-    return out
 
 
 def run_name(spec: StudySpec, cell: Cell, seed: int) -> str:
@@ -142,55 +133,6 @@ def _nonempty(tags: dict[str, str]) -> dict[str, str]:
     """Tags without empty values: an empty tag is noise on the run page ("roles" outside
     one-at-a-time designs, "first_nonfinite_where" of a run that stayed finite)."""
     return {k: v for k, v in tags.items() if v != ""}
-
-
-def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: TrainResult) -> str:
-    """The run's description on its MLflow page (Markdown): outcome first, then what it was."""
-    def num(v: Optional[float], fmt: str = ".3f") -> str:
-        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
-
-    lines = [f"**{res.status}** after {res.steps} steps: final val F1 {num(res.final_val_f1)} "
-             f"(best {num(res.best_val_f1)}), max grad norm {num(res.max_grad_norm, '.3g')}."]
-    if res.first_nonfinite_step is not None:
-        where = getattr(res, "first_nonfinite_where", "")
-        lines.append(f"First non-finite value at step {res.first_nonfinite_step}"
-                     + (f" (`{where}`)" if where else "")
-                     + f"; {res.nonfinite_events} non-finite events, {res.skipped_steps} steps "
-                       f"skipped, {res.zeroed_steps} zeroed (chart `nonfinite/events`, table "
-                       f"`nonfinite_events.csv`).")
-    states = fix_states(cfg)
-    by = {s: [k for k, v in states.items() if v == s] for s in ("on", "off", "other")}
-    lines.append(f"Cell `{cell.label(spec.factors)}`, seed {seed}, study `{spec.name}`. Fixes on: "
-                 f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
-                 + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
-    lines.append("Every step, NaN included: `curves.csv` (Artifacts). Metrics without a prefix "
-                 "are rounded for the table (a diverged run's F1 counts 0); `outcome/*` holds "
-                 "the exact values.")
-    return "\n\n".join(lines)
-
-
-def launch_note(study: str, done: int, total: int, gave_up: int, interrupted: bool) -> str:
-    """The launch run's description until a report replaces its head with the verdicts."""
-    state = ("interrupted: run the same command again to resume" if interrupted else
-             f"{gave_up} given up after their retries" if gave_up else
-             "complete" if done >= total else "the rest queued for workers")
-    return (f"Launch of study `{study}`: **{done}/{total} runs done** ({state}). The verdicts "
-            f"and a link to the report appear here once it is written (`runner.py report`, also "
-            f"run at the end of `runner.py run`).")
-
-
-def report_note(verdicts: list[tuple[str, str]], table_md: str, agreement: str, runs: int,
-                link: str, launch: str) -> str:
-    """The launch run's description once the report is logged. The UI shows its first lines
-    until "Show more", under a fade that swallows clicks: the link comes first, then the
-    verdicts in one line, the evidence after."""
-    head = (f"**Verdicts** ({runs} counted runs): "
-            + (", ".join(f"{fix} **{verdict}**" for fix, verdict in verdicts)
-               or "no fix of the seed is a factor of this study") + ".")
-    parts = [f"**Full report:** [{REPORT_PATH}]({link}) (effects with 95 % CIs, interactions, "
-             f"figures; also under Artifacts > report).", head]
-    parts += [p for p in (agreement, table_md, launch) if p]
-    return "\n\n".join(parts)
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
@@ -263,12 +205,31 @@ class StudyTracker:
         self.client.set_tag(rid, "report", REPORT_PATH)
         self.client.set_tag(rid, NOTE_TAG, report_note(verdicts, table_md, agreement, runs, link,
                                                        summary))
+        self._repoint_report_links(rid)
         exp = self.client.get_experiment(self.experiment_id)
         base = (exp.tags or {}).get("study.description") or (exp.tags or {}).get(NOTE_TAG, "")
+        # first, on the one line the runs page shows before its "expand" chevron
         self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, (
-            f"{base}\n\n**Verdicts and report** ({runs} counted runs): [{launch.info.run_name}]"
-            f"({link})" if base else f"**Verdicts and report:** [{launch.info.run_name}]({link})"))
+            f"[**Report**]({link})" + (f" · {base}" if base else "")))
         return rid
+
+    def _repoint_report_links(self, launch_id: str) -> int:
+        """Runs of earlier launches (a resumed study) link to their own launch's report, which
+        does not exist: point them at this one. Runs of this launch need no write."""
+        moved, token = 0, None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "tags.kind = 'run'",
+                                           max_results=1000, page_token=token)
+            for r in page:
+                note, parent = r.data.tags.get(NOTE_TAG, ""), r.data.tags.get("mlflow.parentRunId")
+                old = f"/runs/{parent}/artifacts/{REPORT_PATH}"
+                if parent and parent != launch_id and old in note:
+                    new = note.replace(old, f"/runs/{launch_id}/artifacts/{REPORT_PATH}")
+                    self.client.set_tag(r.info.run_id, NOTE_TAG, new)
+                    moved += 1
+            token = page.token
+            if not token:
+                return moved
 
     def latest_launch(self, with_report: bool = False):
         """The study's most recent launch run, or the most recent one with a report."""
@@ -348,7 +309,7 @@ class StudyTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = tracking_retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name,
                                                             tags=all_tags), "create run")
-        child = ChildRun(self.client, run.info.run_id)
+        child = ChildRun(self.client, run.info.run_id, experiment_id=self.experiment_id)
         # fixes as params too: the compare page's parallel coordinates only offer params
         params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
                   for k, v in cfg.to_dict().items()]
@@ -371,18 +332,38 @@ def attach_report(tracking_uri: Optional[str], study: str, out_dir: str,
 class ChildRun:
     """One run's MLflow run: buffered step metrics, outcome, artifacts. `log` is train()'s logger."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = MAX_BATCH):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = MAX_BATCH,
+                 experiment_id: str = ""):
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.experiment_id = experiment_id
         self.buffer: list[Metric] = []
         self.rows: list[tuple[int, str, float]] = []  # full-resolution curves, NaN included
+        self.held: list[Metric] = []  # train/lr while it has not changed (see `log`)
+        self.lr_varies = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer one call of train()'s `log`; the nonfinite/* counts arrive from train() too."""
+        """Buffer one call of train()'s `log`; the nonfinite/* counts arrive from train() too.
+
+        Two keys are changed on the way to MLflow (curves.csv keeps train()'s): `train/lr` is
+        held back until it changes within the run (warmup, a schedule, a rollback's cut), since a
+        constant lr draws as a flat line on a meaningless axis; and `nonfinite/spikes` (warnings
+        about large but finite gradients) becomes `grad/spike_warnings`, out of the nonfinite
+        section of a run that never went non-finite."""
         ts = _now_ms()
         for k, v in metrics.items():
             self.rows.append((step, k, v))
-            if math.isfinite(v):
-                self.buffer.append(Metric(k, v, ts, step))
+            if not math.isfinite(v):
+                continue
+            k = SPIKES_KEY if k == "nonfinite/spikes" else k
+            if k == "train/lr" and not self.lr_varies:
+                if self.held and v != self.held[0].value:
+                    self.lr_varies = True
+                    self.buffer += self.held
+                    self.held = []
+                else:
+                    self.held.append(Metric(k, v, ts, step))
+                    continue
+            self.buffer.append(Metric(k, v, ts, step))
         if len(self.buffer) >= self.flush_every:
             self.flush()
 

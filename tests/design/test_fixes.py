@@ -102,7 +102,7 @@ def test_critical_and_kinds():
 
 
 def test_fix_states_reads_fixes_off_a_config():
-    from ablations.tracking.tracker import fix_states
+    from ablations.tracking.notes import fix_states
 
     assert fix_states(TrainConfig()) == {n: "on" for n in NAMES}
     with pytest.warns(HighLearningRateWarning):

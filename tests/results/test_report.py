@@ -69,23 +69,82 @@ def test_report_writes_figures_markdown_and_logs_to_parent(launched):
 
     client = MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(parent, "report")}
-    assert "report/report.md" in names and "report/curves.png" in names
+    assert {"report/report.md", "report/report.html", "report/curves.png"} <= names
     # the launch run's description: the verdicts first, then a link to report.md in the UI
     run = client.get_run(parent)
     exp_id = run.info.experiment_id
     note = run.data.tags["mlflow.note.content"]
     link_line, head = note.split("\n\n")[:2]  # what the run page shows before "Show more"
-    assert link_line.startswith("**Full report:** [report/report.md](")
+    assert link_line.startswith("**Full report:** [report/report.html](")
     assert head.startswith("**Verdicts** (8 counted runs): ")
     for fix, verdict in zip(rep.verdicts["fix"], rep.verdicts["verdict"]):
         assert f"{fix} **{verdict}**" in head
-    link = f"#/experiments/{exp_id}/runs/{parent}/artifacts/report/report.md"
+    link = f"#/experiments/{exp_id}/runs/{parent}/artifacts/report/report.html"
     assert f"]({link}?workflowType=machine_learning)" in note
     assert "8/8 runs done" in note  # the launch's own summary is kept below
+    # CIs stay text: an unescaped `[95% CI ..] (context)` is a link to /context in the UI
+    assert "[95% CI" not in note.replace("\\[95% CI", "") and "\\[95% CI" in note
+    for r in client.search_runs([exp_id], "tags.kind = 'run'"):  # each run leads back
+        back = r.data.tags["mlflow.note.content"].split("\n\n")[0]
+        assert back.startswith("**Back to:** [study runs](") and f"]({link}?" in back, back
+        assert f"tags.cell_id%20%3D%20%27{r.data.tags['cell_id']}%27" in back, back
     exp_note = client.get_experiment(exp_id).tags["mlflow.note.content"]
     assert link in exp_note  # and one click from the runs page
     attach_report(uri, "tinyrep", str(out), *report.run_summary(rep))  # again: the summary is not lost or doubled
     assert client.get_run(parent).data.tags["mlflow.note.content"] == note
+
+
+def test_html_report_embeds_every_figure_and_leaves_no_markdown(launched):
+    """report.html: one file, each figure of the report inlined, the effects figure right under
+    the verdicts, no Markdown syntax left over (MLflow shows it as-is)."""
+    import re
+
+    tmp, uri = launched
+    rep = report.write_report("tinyrep", uri, tmp / "rep-html")
+    page = rep.html.read_text()
+    embedded = re.findall(r'<img alt="(\w+)" src="data:image/png;base64,', page)
+    assert sorted(embedded) == sorted(rep.figures), (embedded, list(rep.figures))
+    assert "src=\"" + "curves.png" not in page  # no relative image: it would break in MLflow
+    text = re.sub(r"<[^>]+>", "", re.sub(r'src="data:[^"]+"', "", page))
+    for leftover in ("**", "![", "](", "\n#", "|---"):
+        assert leftover not in text, leftover
+    assert page.index('id="verdicts-on-the-seed-s-claims"') < page.index('id="fig-effects"') < \
+        page.index('id="how-effects-are-estimated"')
+    assert "<table>" in page and "<code>" in page
+
+
+def test_a_moved_study_folder_still_opens_its_artifacts(launched, tmp_path):
+    """A finished study's folder (mlflow.db + mlruns/) moved elsewhere, the original gone:
+    before relocation a run's artifacts are lost, after it (what `runner.py ui` does first) they
+    open from the new place; a second pass changes nothing."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from ablations.tracking.relocate import relocate
+
+    src, _ = launched
+    moved = tmp_path / "elsewhere" / "study"
+    shutil.copytree(src, moved, ignore=shutil.ignore_patterns("rep*"))
+    hidden = src.with_name(src.name + "-gone")
+    src.rename(hidden)  # the original is gone (put back below for the other tests)
+    try:
+        client = MlflowClient(f"sqlite:///{moved}/mlflow.db")
+        exp = client.get_experiment_by_name("tinyrep")
+        run = client.search_runs([exp.experiment_id], "tags.kind = 'run'", max_results=1)[0]
+        assert str(src) in run.info.artifact_uri  # the old machine's path
+        with pytest.raises(Exception):
+            client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))
+        changes = relocate(str(moved / "mlflow.db"))
+        assert [c[0] for c in changes] == [exp.experiment_id]
+        run = client.get_run(run.info.run_id)
+        assert run.info.artifact_uri.startswith(str(moved / "mlruns")), run.info.artifact_uri
+        assert client.get_experiment(exp.experiment_id).artifact_location.startswith(str(moved))
+        got = client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))
+        assert '"status"' in Path(got).read_text()
+        assert relocate(str(moved / "mlflow.db")) == []  # already inside its folder
+    finally:
+        hidden.rename(src)
 
 
 def test_runner_report_cli(launched):

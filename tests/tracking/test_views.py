@@ -131,3 +131,87 @@ def test_stale_launches_are_closed_live_ones_kept(tracker):
     assert status == {gone: "KILLED", alive: "RUNNING", remote: "RUNNING"}
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training layout
+
+
+def test_md_escape_keeps_intervals_text_not_links():
+    s = views.md_escape("change +0.240 [95% CI +0.142, +0.338] (context) | a \\[kept\\]")
+    assert s == "change +0.240 \\[95% CI +0.142, +0.338\\] (context) | a \\[kept\\]"
+    assert views.md_escape("no brackets") == "no brackets"
+
+
+def test_run_links_lead_to_the_study_the_cells_seeds_and_the_report():
+    from urllib.parse import parse_qs
+
+    from ablations.tracking.notes import run_links
+
+    back = run_links("7", "abc123", "launch1")
+    study, seeds, rep = [part.split("](")[1].rstrip(")") for part in back.split(" | ")]
+    assert study == "#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=" \
+                    "chorus-study-runs"
+    route, query = seeds.split("?", 1)
+    q = parse_qs(query)
+    assert route == "#/experiments/7/runs" and q["orderByKey"] == ["tags.`seed`"]
+    assert q["searchFilter"] == [f"tags.cell_id = 'abc123' and {views.COUNTED}"]
+    assert rep == "#/experiments/7/runs/launch1/artifacts/report/report.html?" \
+                  "workflowType=machine_learning"
+    assert "report" not in run_links("7", "abc123", None)  # no launch run: no report link
+
+
+class _Recorder:
+    def __init__(self):
+        self.metrics = []
+
+    def log_batch(self, run_id, metrics=(), **_):
+        self.metrics += list(metrics)
+
+
+def test_constant_lr_is_not_charted_a_varying_one_is_and_spikes_are_named():
+    from ablations.tracking.tracker import SPIKES_KEY, ChildRun
+
+    flat = ChildRun(_Recorder(), "r")
+    for step in range(1, 4):
+        flat.log({"train/loss": 1.0 / step, "train/lr": 5e-4}, step)
+    flat.log({"nonfinite/spikes": 1.0}, 3)
+    flat.flush()
+    keys = [m.key for m in flat.client.metrics]
+    assert "train/lr" not in keys and keys.count("train/loss") == 3
+    assert SPIKES_KEY in keys and "nonfinite/spikes" not in keys
+    assert [r[1] for r in flat.rows].count("train/lr") == 3  # curves.csv keeps every value
+    warm = ChildRun(_Recorder(), "r")
+    for step, lr in enumerate([1e-4, 1e-4, 2e-4, 3e-4], start=1):
+        warm.log({"train/lr": lr}, step)
+    warm.flush()
+    assert [(m.step, m.value) for m in warm.client.metrics] == [
+        (1, 1e-4), (2, 1e-4), (3, 2e-4), (4, 3e-4)]  # every step, the held ones too
+
+
+def test_tracking_refusals_say_which_variable_to_fix(monkeypatch):
+    from ablations.engine.study import _tracking_refusal
+
+    e401 = Exception("API request to endpoint /x failed with error code 401 != 200. Response")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert _tracking_refusal(e401).endswith("set MLFLOW_TRACKING_USERNAME and "
+                                            "MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
+    msg = _tracking_refusal(e401)
+    assert "check MLFLOW_TRACKING_PASSWORD for user 'alice'" in msg and "s3cret" not in msg
+    assert "HTTP 403" in _tracking_refusal(Exception("failed with error code 403 != 200"))
+    assert _tracking_refusal(ConnectionError("refused")).startswith("cannot reach the tracking")
+
+
+def test_factorial_studies_tell_optuna_dashboard_its_importance_is_not_the_analysis():
+    optuna = pytest.importorskip("optuna")
+    dash = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard (dev extra)")
+    from ablations.engine.launch import dashboard_note, write_dashboard_note
+
+    study = optuna.create_study(study_name="v")
+    write_dashboard_note(study, SPEC)
+    note = dash.get_note(study)
+    assert note.startswith("**Not the analysis.**") and "runner.py report <test>" in note
+    write_dashboard_note(study, SPEC)  # unchanged: not written again
+    assert dash.get_note(study) == note
+    search = parse_spec({"name": "s", "design": "search", "factors": {"lr": [1e-3, 1e-2]},
+                         "seeds": 1, "budget": {"trials": 2}}, "<t>")
+    assert dashboard_note(search) is None  # importance is a search study's analysis

@@ -331,6 +331,16 @@ def serve(tracking_uri: str, port: int, study: Optional[str]) -> int:
     _check_exists(tracking_uri, "--tracking-uri",
                   "run a study first (python runner.py run studies/quick.yaml) or pass "
                   "--tracking-uri")
+    path = _sqlite_path(tracking_uri)
+    if path is not None:  # a moved or copied study folder: its artifacts are found again
+        from ablations.tracking.relocate import relocate
+
+        try:
+            for eid, old, new in relocate(path):
+                print(f"experiment {eid}: artifacts re-pointed from {old} to {new} (the study "
+                      f"folder was moved or copied)", flush=True)
+        except Exception as e:  # noqa: BLE001 - browsing works without it (artifacts may not)
+            print(f"warning: artifact locations not checked ({e})", file=sys.stderr, flush=True)
     return _serve("the MLflow UI", ui_command(tracking_uri, port), port, "/health",
                   lambda: study_links(tracking_uri, port, study))
 

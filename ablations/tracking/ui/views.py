@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 # (the tracker writes these too; they live in the tracking layer, which never imports the UI)
-from ablations.tracking.names import (KIND_TAG, REPORT_PATH, TRAINING_KIND,  # noqa: F401
-                                      artifact_url, latest_launch)
+from ablations.tracking.names import (ALL_KEY, COUNTED, KIND_TAG, LAYOUT_QUERY,  # noqa: F401
+                                      REPORT_PATH, RUNS_KEY, TRAINING_KIND, artifact_url,
+                                      latest_launch, md_escape, siblings_url, study_runs_url)
 
 VIEW_VERSION = 2  # bump when the states below change: unedited older views are rewritten
 PREFIX = "mlflow.sharedViewState."
-RUNS_KEY, ALL_KEY = "chorus-study-runs", "chorus-all-attempts"
-COUNTED = "tags.kind = 'run' and attributes.status = 'FINISHED'"  # what the analysis counts
 MAX_FACTOR_VIEWS = 8
 NAME_COL, DATE_COL = "attributes.`Run Name`", "runDateAndNestInfo"
 F1, DIVERGED = "final_val_f1", "diverged"  # headline metrics (ablations.tracking.tracker)
@@ -52,6 +51,16 @@ class StudyLayout:
     factors: list[tuple[str, bool]]  # (name, is a fix) in the study file's order
     objective: Optional[str]  # the objective metric, e.g. final_val_f1
     longest_name: int = 40  # characters in the longest child run name
+
+
+def spec_layout(spec, run_names: list[str]) -> StudyLayout:
+    """The layout of a study about to run, from its study file and its runs' names: the launch
+    writes the views, so that the "Study runs" link in every run's description works before
+    anyone starts `runner.py ui` (on a team server nobody may)."""
+    from ablations.design.fixes import FIXES
+
+    return StudyLayout([(f.name, f.name in FIXES) for f in spec.factors], spec.objective_metric,
+                       max(map(len, run_names), default=40))
 
 
 def factor_column(name: str, is_fix: bool) -> str:

@@ -9,7 +9,11 @@ download) opens the URLs the command printed and checks what a user must see: th
 runs (not the killed attempt) with full names, seed first, at 1600 px; the status, objective,
 fix and seed columns; grouped bar charts of F1 by a fix with two bars, of different heights
 where the effect is real; the launch run's description with the verdicts and a working link to
-the report; the runs filtered by `tags.status`; one run's `train/loss` chart. Ctrl-C then stops
+the report; report.html in MLflow's HTML preview with every figure drawn and the effects right
+under the verdicts; no relative link (`/context`) on a description; the curves sections before
+the outcome bars in the chart view; a run's description leading back to the study view, its
+cell's seeds (opened) and the report; the runs filtered by `tags.status`; one run's
+`train/loss` chart; optuna-dashboard's note that its importance is not the analysis. Ctrl-C stops
 the UI with no process left behind. Screenshots go to the test's tmp dir (printed) and, if set,
 to $CHORUS_SCREENSHOTS.
 
@@ -241,6 +245,11 @@ def read_study(d: Path) -> dict:
     assert len(runs) == RUNS and killed, [(r.info.run_name, r.info.status) for r in every]
     # the dead launch was closed when the study was resumed, not left RUNNING forever
     assert sorted(r.info.status for r in launches) == ["FINISHED", "KILLED"]
+    with_report = next(r for r in launches if r.info.status == "FINISHED").info.run_id
+    for r in runs:  # the killed launch's runs too: log_report re-pointed their link
+        assert f"/runs/{with_report}/artifacts/report/report.html" in r.data.tags[
+            "mlflow.note.content"], (r.info.run_name, r.data.tags["mlflow.parentRunId"])
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} != {with_report}  # both launches
     statuses = {r.data.tags["status"] for r in runs}
     assert "diverged" in statuses and statuses - {"diverged"}, statuses  # the filter must bite
     return {"dir": d, "storage": storage, "tracking": tracking, "client": client,
@@ -270,7 +279,7 @@ def test_ui_prints_the_study_report_and_chart_urls(study, ui):
     assert url.startswith(f"{base}/runs?")
     assert "viewStateShareKey=chorus-study-runs" in url
     launch = study["launch"].info.run_id
-    assert links["report"] == (f"{base}/runs/{launch}/artifacts/report/report.md"
+    assert links["report"] == (f"{base}/runs/{launch}/artifacts/report/report.html"
                                f"?workflowType=machine_learning")
     charts = [k for k in links if k.startswith("charts, F1 by ")]
     assert charts[0] == "charts, F1 by input_norm"  # the first fix first
@@ -314,7 +323,7 @@ def test_ui_in_a_browser_runs_tags_chart_filter(study, ui, tmp_path):
         finally:
             browser.close()
             print(f"\nscreenshots: {shots.dirs[0]}")
-    assert len(shots.taken) == 10
+    assert len(shots.taken) == 11
 
 
 # The run name's text is whole: no element between it and its table cell cuts it (ellipsis)
@@ -341,6 +350,9 @@ def _runs_table(page, url: str, runs, killed, shots) -> None:
     expect(page.get_by_text("matching runs")).to_be_visible()
     _close_assistant(page)
     expect(page.get_by_text(DESCRIPTION)).to_be_visible()  # the study description
+    report = page.get_by_role("link", name="Report", exact=True)  # on its first line, unclipped
+    expect(report).to_be_visible()
+    expect(report).to_have_attribute("href", re.compile(r"/artifacts/report/report\.html\?"))
     expect(page.get_by_text("Error loading shared view state")).to_have_count(0)
     expect(page.get_by_role("button", name="Study runs")).to_be_visible()  # the saved view
     expect(page.get_by_text(f"{RUNS} matching runs")).to_be_visible()  # killed attempt left out
@@ -388,6 +400,12 @@ def _f1_bars(page, url: str, fix: str, shots, name: str, real: bool) -> None:
     rate = page.locator(".js-plotly-plot").nth(1).locator("g.point path")  # the second card
     expect(rate).to_have_count(2)  # divergence rate per group: lr 1e6 diverges in each group
     assert all(rate.nth(i).bounding_box()["width"] > 0 for i in range(2))
+    # the curves come right after the headline bars; the raw outcome/* bars last
+
+    def y(section: str) -> float:
+        return page.get_by_text(section, exact=True).first.bounding_box()["y"]  # its header
+
+    assert card.bounding_box()["y"] < y("train") < y("val") < y("outcome")
     shots(page, name)
 
 
@@ -403,16 +421,49 @@ def _launch_description(page, study, url: str, shots) -> None:
     text = verdicts.first.inner_text()
     assert re.search(r"input_norm (supported|refuted|inconclusive)", text), text
     assert re.search(r"bias_init (supported|refuted|inconclusive)", text), text
-    link = page.get_by_role("link", name="report/report.md").first
+    expect(page.get_by_text("[95% CI").first).to_be_visible()  # the verdicts' CIs, as text
+    _no_relative_links(page)  # ... not links to /context (showdown read `[CI] (context)` as one)
+    link = page.get_by_role("link", name="report/report.html").first
     expect(link).to_be_visible()
     shots(page, "4-launch-run-verdicts")
     with page.context.expect_page() as opened:
         link.click()
     report = opened.value
-    expect(report.get_by_role("heading", name="Ablation report: tiny")).to_be_visible(
-        timeout=UI_TIMEOUT_MS)
+    _html_report_with_figures(report, study)
     shots(report, "5-report-from-the-description")
     report.close()
+
+
+def _no_relative_links(page) -> None:
+    """Every link on the page goes to a UI route (#/...) or a full address: a description's
+    Markdown gone wrong makes relative ones (`context` -> /context, "Not Found")."""
+    hrefs = page.eval_on_selector_all("a[href]", "as => as.map(a => a.getAttribute('href'))")
+    assert hrefs, "no links at all: the page did not render"
+    bad = [h for h in hrefs if not h.startswith(("#/", "http://", "https://"))]
+    assert not bad, bad
+
+
+def _html_report_with_figures(page, study) -> None:
+    """report.html in MLflow's HTML preview (a sandboxed iframe): its title, the effects figure
+    right under the verdicts, and every figure of the report folder drawn (data: URIs)."""
+    expect(page.get_by_text("report/report.html", exact=True).first).to_be_visible(
+        timeout=UI_TIMEOUT_MS)  # the preview's title
+    frame = page.frame_locator("iframe.mlflow-html-iframe")
+    expect(frame.get_by_role("heading", name="Ablation report: tiny")).to_be_visible(
+        timeout=UI_TIMEOUT_MS)
+    pngs = sorted(a.path.rsplit("/", 1)[1] for a in study["client"].list_artifacts(
+        study["launch"].info.run_id, "report") if a.path.endswith(".png"))
+    assert len(pngs) >= 3, pngs
+    images = frame.locator("img")
+    expect(images).to_have_count(len(pngs))
+    sizes = images.evaluate_all("is => is.map(i => [i.alt, i.complete, i.naturalWidth])")
+    assert all(done and width > 200 for _, done, width in sizes), sizes
+    assert sorted(f"{alt}.png" for alt, _, _ in sizes) == pngs  # each figure, once
+    # the effects with their intervals come right after the verdicts, before the method text
+    order = frame.locator("h2, h3, figure").evaluate_all(
+        "es => es.map(e => e.id || e.textContent)")
+    assert order.index("fig-effects") == order.index("verdicts-on-the-seed-s-claims") + 2, order
+    assert order.index("fig-effects") < order.index("how-effects-are-estimated"), order
 
 
 def _filter_by_status(page, diverged, others, shots):
@@ -437,6 +488,7 @@ def _run_page_chart(page, study, run, shots) -> None:
     expect(page.get_by_text(re.compile(r"diverged after \d+ steps")).first).to_be_visible()
     expect(page.get_by_text(re.compile(r"First non-finite value at step \d+")).first
            ).to_be_visible()  # its description says what happened
+    _links_back(page, study, run, shots)
     shots(page, "7-run-overview")
     page.get_by_role("tab", name="Model metrics").click()
     page.get_by_placeholder("Search metric charts").fill("train/loss")
@@ -448,6 +500,29 @@ def _run_page_chart(page, study, run, shots) -> None:
     shots(page, "8-run-train-loss-chart")
 
 
+def _links_back(page, study, run, shots) -> None:
+    """A run's description leads back: to the study's "Study runs" view, to its cell's seeds
+    (opened here: exactly the counted runs of its cell) and to the report."""
+    _no_relative_links(page)
+    eid = study["experiment_id"]
+    study_link = page.get_by_role("link", name="study runs", exact=True)
+    expect(study_link).to_have_attribute("href", re.compile(
+        rf"^#/experiments/{eid}/runs\?.*viewStateShareKey=chorus-study-runs"))
+    launch = study["launch"].info.run_id  # a run of the earlier, killed launch would link here too
+    expect(page.get_by_role("link", name="report", exact=True)).to_have_attribute(
+        "href", re.compile(rf"^#/experiments/{eid}/runs/{launch}/artifacts/report/report\.html"))
+    seeds = [r for r in study["runs"] if r.data.tags["cell_id"] == run.data.tags["cell_id"]]
+    with page.context.expect_page() as opened:  # description links open a new tab
+        page.get_by_role("link", name="this cell's seeds", exact=True).click()
+    siblings = opened.value
+    expect(siblings.get_by_text(f"{len(seeds)} matching runs")).to_be_visible(
+        timeout=UI_TIMEOUT_MS)
+    for r in seeds:
+        expect(siblings.locator(f'.ag-row[row-id="{r.info.run_id}"]').first).to_be_visible()
+    shots(siblings, "7b-cell-seeds")
+    siblings.close()
+
+
 def _parent_report(page, study, shots) -> None:
     """From the run's overview to its launch (parent) run: the report and its figures."""
     launch = study["launch"]
@@ -456,8 +531,8 @@ def _parent_report(page, study, shots) -> None:
     expect(page.get_by_role("heading", name=launch.info.run_name)).to_be_visible()
     page.get_by_role("tab", name="Artifacts").click()
     page.get_by_text("report", exact=True).first.click()
-    page.get_by_text("report.md", exact=True).click()
-    expect(page.get_by_role("heading", name="Ablation report: tiny")).to_be_visible()
+    page.get_by_text("report.html", exact=True).click()
+    _html_report_with_figures(page, study)
     shots(page, "9-launch-run-report")
     figures = [a.path.rsplit("/", 1)[1] for a in study["client"].list_artifacts(
         launch.info.run_id, "report") if a.path.endswith(".png")]
@@ -534,6 +609,11 @@ def test_dashboard_serves_the_optuna_study(study, tmp_path):
                 expect(page.locator(".js-plotly-plot").first).to_be_visible(
                     timeout=UI_TIMEOUT_MS)
                 shots(page, "11-optuna-dashboard")
+                # a factorial study: its importance chart is not the analysis, and says so on
+                # the study's Note page (optuna-dashboard shows study notes there only)
+                page.get_by_role("link", name="Note").click()
+                expect(page.get_by_text("Not the analysis.")).to_be_visible(timeout=UI_TIMEOUT_MS)
+                shots(page, "12-optuna-dashboard-note")
                 browser.close()
         assert served.interrupt() == 0
         if Path("/proc/self/cmdline").exists():
