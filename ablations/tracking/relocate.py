@@ -59,8 +59,13 @@ def relocate(db_path: str) -> list[tuple[str, str, str]]:
     module docstring); returns (experiment id, old location, new location) of each change."""
     folder = Path(db_path).resolve().parent
     changes = []
+    if not Path(db_path).is_file():
+        return changes  # (connecting would create an empty database file)
     con = sqlite3.connect(db_path)
     try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                       "'experiments'").fetchone() is None:
+            return changes  # a store MLflow has not set up yet: nothing points anywhere
         with con:  # one transaction: all or nothing
             rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
             for eid, loc in rows:
