@@ -33,7 +33,7 @@ import pytest
 
 pytest.importorskip("flask_wtf", reason="mlflow's basic-auth app needs Flask-WTF (pip install -e '.[dev]')")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "runner.py"
 ADMIN_PW, ALICE_PW = "admin-pw-0123456789", "alice-pw-0123456789"  # >= 12 characters: MLflow's rule
 STUDY = """\
