@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._env import CpuWatch, code_state, load_average  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
