@@ -33,7 +33,6 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ablations.results import backgrounds, rates
 from ablations.design.fixes import FIXES

@@ -48,10 +48,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ablations.results import backgrounds as bg
-from ablations.results import edges
+from ablations.results import edges, rates
 
 STABLE_STATUSES = ("converged", "recovered")
 LN2 = math.log(2.0)
@@ -196,12 +195,14 @@ def seed_edges(g: pd.DataFrame, axis: str, start: float) -> list[edges.Interval]
 
 
 def per_seed(runs: pd.DataFrame, lay: StressLayout,
-             crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+             crashed: Optional[pd.DataFrame] = None,
+             gr: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """One row per recipe x regime x seed: max stable rung (descriptive), the edge interval,
-    LR sensitivity over the rungs present and the failure rate, with the design factors."""
+    LR sensitivity over the rungs present and the failure rate, with the design factors (`gr`:
+    the `grid` of these runs, where the caller has it already)."""
     if not lay.has_axis:
         return pd.DataFrame()
-    gr = grid(runs, lay, crashed)
+    gr = grid(runs, lay, crashed) if gr is None else gr
     ann = annotate(runs, lay)
     first = ann.drop_duplicates(["recipe", "regime"]).set_index(["recipe", "regime"])
     rows = []
@@ -225,15 +226,6 @@ def per_seed(runs: pd.DataFrame, lay: StressLayout,
                 row[f] = first.loc[(recipe, regime), f] if f in first else None
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _below(ladder: list, axis: str) -> float:
-    """One rung below the ladder."""
-    if len(ladder) < 2:
-        return ladder[0] / 10 if ladder and ladder[0] > 0 else math.nan
-    if ladder[0] > 0:
-        return ladder[0] * ladder[0] / ladder[1]  # the same ratio as the first step
-    return ladder[0] - (ladder[1] - ladder[0])
 
 
 def _log(v: float, axis: str) -> float:
@@ -265,10 +257,11 @@ def recipe_table(runs: pd.DataFrame, lay: StressLayout,
     (descriptive: the largest rung at which every seed is stable), LR50 with its interval
     (the estimated edge), failures below the best rung (too slow, not unstable), LR sensitivity
     with its t interval over seeds, failed and clean runs."""
-    ps = per_seed(runs, lay, crashed)
-    if ps.empty:
-        return ps
+    if not lay.has_axis:
+        return pd.DataFrame()
     gr = grid(runs, lay, crashed)
+    ps = per_seed(runs, lay, crashed, gr)
+    clean = annotate(runs, lay).groupby(["recipe", "regime"])["clean"].sum()
     ladder = ladder_of(runs, lay)
     log = _is_log(runs, lay)
     rows = []
@@ -300,7 +293,7 @@ def recipe_table(runs: pd.DataFrame, lay: StressLayout,
                      "lr_sensitivity": m.effect, "lrs_low": m.low, "lrs_high": m.high,
                      "lrs_note": m.note,
                      "failed": f"{int((~pres.stable.astype(bool)).sum())}/{len(pres)}",
-                     "clean": f"{int(annotate(runs, lay).query('recipe == @recipe and regime == @regime')['clean'].sum())}/{len(pres)}",
+                     "clean": f"{int(clean.get((recipe, regime), 0))}/{len(pres)}",
                      "seeds": len(g), "incomplete": incomplete})
     return pd.DataFrame(rows)
 
@@ -347,22 +340,15 @@ OUTCOMES = {
 VERDICT_OUTCOMES = ("edge_shift", "unstable_rate")
 
 
-def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """t interval of the mean of d; NaN for fewer than 2 values and where all values agree (the
-    data then give no spread to build an interval on: see backgrounds.paired_t)."""
-    m = bg.paired_t(d, level)
-    return m.low, m.high
-
-
 def fix_effects(runs: pd.DataFrame, lay: StressLayout,
                 crashed: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Per fix x background x regime: the effect of switching the fix on, on the edge (LR50
     shift), on the unstable rate and on LR sensitivity. Backgrounds: 'added to broken' and
     'dropped from fixed' in one-at-a-time studies; the other fixes' states in factorial ones."""
-    ps = per_seed(runs, lay, crashed)
-    if ps.empty:
+    if not lay.has_axis:
         return pd.DataFrame()
     gr = grid(runs, lay, crashed)
+    ps = per_seed(runs, lay, crashed, gr)
     ann = annotate(runs, lay)
     ladder = ladder_of(runs, lay)
     rows = []
@@ -401,7 +387,7 @@ def _edge_row(a: pd.DataFrame, b: pd.DataFrame, ladder: list[float]) -> dict:
                         "every seed of both failed from its first rung" if below else "")
     return {"outcome": "edge_shift", "effect": est.value, "low": est.low, "high": est.high,
             "p": est.p, "n": est.n, "shown": edges.fmt_shift(est, span), "note": note,
-            "better": "higher", "untested": untested, "counts": ""}
+            "better": OUTCOMES["edge_shift"][0], "untested": untested, "counts": ""}
 
 
 def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame,
@@ -412,8 +398,6 @@ def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.Dat
     j = pd.concat([ga[ga.present & (ga[axis] >= start)].set_index(keys)["stable"].rename("off"),
                    gb[gb.present & (gb[axis] >= start)].set_index(keys)["stable"].rename("on")],
                   axis=1, join="inner").dropna()
-    from ablations.results import rates
-
     rd = rates.rate_diff_paired(~j["on"].astype(bool).to_numpy(), ~j["off"].astype(bool).to_numpy())
     untested = rd.untested or (rd.events_on == rd.n_on and rd.events_off == rd.n_off)
     shown = (f"{rd.diff:+.2f} [{rd.low:+.2f}, {rd.high:+.2f}]" if math.isfinite(rd.diff)
@@ -421,7 +405,7 @@ def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.Dat
     return {"outcome": "unstable_rate", "effect": rd.diff, "low": rd.low, "high": rd.high,
             "p": rd.p, "n": len(j), "shown": shown,
             "note": f"{axis} >= {start:g}" if math.isfinite(start) else f"every {axis}",
-            "better": "lower", "untested": untested, "counts": rd.counts()}
+            "better": OUTCOMES["unstable_rate"][0], "untested": untested, "counts": rd.counts()}
 
 
 def _lrs_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str) -> dict:
@@ -447,28 +431,17 @@ def _lrs_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str) -> dict:
     else:
         shown = m.note or "n/a"
     return {"outcome": "lr_sensitivity", "effect": m.effect, "low": m.low, "high": m.high,
-            "p": m.p, "n": m.n, "shown": shown, "note": m.note, "better": "lower",
+            "p": m.p, "n": m.n, "shown": shown, "note": m.note,
+            "better": OUTCOMES["lr_sensitivity"][0],
             "untested": not math.isfinite(m.p), "counts": ""}
 
 
 def rate_diff_interval(k_on: int, n_on: int, k_off: int, n_off: int) -> tuple[float, float]:
-    """95 % interval of rate_on - rate_off: Newcombe's hybrid score (method 10 of Newcombe 1998)."""
-    from statsmodels.stats.proportion import confint_proportions_2indep
-
+    """95 % interval of rate_on - rate_off for independent arms: Newcombe's hybrid score
+    (rates.newcombe_indep); NaN for an empty arm."""
     if n_on == 0 or n_off == 0:
         return math.nan, math.nan
-    lo, hi = confint_proportions_2indep(k_on, n_on, k_off, n_off, method="newcomb",
-                                        compare="diff")
-    return float(lo), float(hi)
-
-
-def ladder_spacing(runs: pd.DataFrame, lay: StressLayout) -> float:
-    """The widest step of the ladder, in the units edges are compared in (log10 for lr)."""
-    ladder = sorted(runs[lay.axis].dropna().unique())
-    if len(ladder) < 2:
-        return math.nan
-    vals = [_log(v, lay.axis) for v in ladder]
-    return float(np.max(np.diff(vals)))
+    return rates.newcombe_indep(k_on, n_on, k_off, n_off)
 
 
 def hurts(effects: pd.DataFrame) -> pd.DataFrame:
