@@ -49,27 +49,48 @@ class _BadInput(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def _recipe(ref: str | None):
+    from model.recipe import RecipeError, load
+
+    try:
+        return load(ref)
+    except RecipeError as e:
+        raise _BadInput(str(e)) from None
+
+
+def _recipe_and_baseline(args: argparse.Namespace) -> tuple[str | None, str]:
+    """`--recipe fixed|broken` was the baseline before recipes were model families: still read
+    so, with a note."""
+    recipe, baseline = args.recipe, args.baseline
+    if recipe in ("fixed", "broken"):
+        print(f"note: --recipe {recipe} now reads --baseline {recipe} (--recipe names a model "
+              f"recipe: see `runner.py recipes`)", file=sys.stderr)
+        recipe, baseline = None, recipe
+    return recipe, baseline
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import ConfigError, HighLearningRateWarning, TrainConfig, resolve_device
+    from model.config import ConfigError, HighLearningRateWarning, resolve_device
     from model.train import train
 
+    ref, baseline = _recipe_and_baseline(args)
+    recipe = _recipe(ref)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", HighLearningRateWarning)
             base = {}
-            if args.recipe == "broken":  # the seed's recipe before its fixes; --set on top
-                from ablations.design.fixes import recipe
-
+            if baseline == "broken":  # the recipe before its fixes; --set on top
                 base = {k: list(v) if isinstance(v, tuple) else v
-                        for k, v in recipe(baseline="broken").items()}
-            cfg = TrainConfig.from_overrides({**base, **_parse_sets(args.set)}, where="--set ")
+                        for k, v in recipe.overrides(baseline="broken").items()}
+            cfg = recipe.config.from_overrides({**base, **_parse_sets(args.set)}, where="--set ")
         resolve_device(cfg.device)  # e.g. device=cuda on a machine without CUDA
     except ConfigError as e:
         raise _BadInput(str(e)) from None
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    changed = {k: v for k, v in cfg.to_dict().items() if v != TrainConfig().to_dict()[k]}
-    print(f"training: {'fixed recipe' if not changed else changed}")
+    defaults = recipe.config().to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if v != defaults[k]}
+    print(f"training {recipe.name}: {'fixed recipe' if not changed else changed}")
 
     last: dict[str, float] = {}
 
@@ -99,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"max grad_norm {_fmt(res.max_grad_norm)}  non-finite events {res.nonfinite_events} "
           f"(first at step {first}, skipped {res.skipped_steps}, zeroed {res.zeroed_steps})"
           + (f"  fp16 scaler skips {res.scaler_skips}" if res.scaler_skips else "")
+          + "".join(f"  {k} {_fmt(v)}" for k, v in res.curves.items() if k.startswith("peak_"))
           + f"  {res.steps} steps in {res.wall_time_s:.1f} s ({res.steps_per_s:.1f} steps/s)")
     return 0
 
@@ -125,9 +147,22 @@ def _load_spec(path: str):
 
 
 def cmd_fixes(args: argparse.Namespace) -> int:
-    from ablations.design.fixes import table
+    from model.recipe import table
 
-    print(table())
+    print(table(_recipe(args.recipe)))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from model.recipe import DEFAULT, SHIPPED
+
+    print("recipe              fixes  description")
+    for name in SHIPPED:
+        r = _recipe(name)
+        print(f"{name + (' *' if name == DEFAULT else ''):<20}{len(r.fixes):>5}  {r.description}")
+    print("\n* = the default. A study file picks one with `recipe: NAME`, or your own with "
+          "`recipe: package.module:ATTR` or `recipe: path/to/file.py:ATTR` (README \"Your own "
+          "model\"). `runner.py fixes --recipe NAME` lists a recipe's fixes.")
     return 0
 
 
@@ -207,7 +242,8 @@ def _report(spec, spec_path: str, tracking_uri: str, out: Path) -> bool:
 
     try:
         rep = report.write_report(spec.name, tracking_uri, out, analysis.plan_cells(spec_path),
-                                  design=spec.design, objective=spec.objective_metric)
+                                  design=spec.design, objective=spec.objective_metric,
+                                  recipe=spec.recipe)
         parent = attach_report(tracking_uri, spec.name, str(out), *report.run_summary(rep))
     except Exception as e:  # noqa: BLE001 - reported in one line, results are safe
         print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
@@ -402,15 +438,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="output folder (default reports/NAME)")
     rp.set_defaults(func=cmd_report)
 
-    f = sub.add_parser("fixes", help="the seed's fixes as a table")
+    f = sub.add_parser("fixes", help="a recipe's fixes as a table (default: the seed's CNN)")
+    f.add_argument("--recipe", default=None, help="a recipe name (see `recipes`), or "
+                                                  "package.module:ATTR / file.py:ATTR")
     f.set_defaults(func=cmd_fixes)
 
+    r = sub.add_parser("recipes", help="the shipped recipes (model families) a study can ablate")
+    r.set_defaults(func=cmd_recipes)
+
     t = sub.add_parser("train", help="train one configuration (defaults = the fixed recipe)")
-    t.add_argument("--recipe", choices=("fixed", "broken"), default="fixed",
+    t.add_argument("--recipe", default=None,
+                   help="the model recipe (default chorus_cnn; see `recipes`), or "
+                        "package.module:ATTR / file.py:ATTR")
+    t.add_argument("--baseline", choices=("fixed", "broken"), default="fixed",
                    help="start from the fixed recipe (the defaults) or the broken one (every fix "
                         "off, as the seed's authors first trained it); --set applies on top")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a TrainConfig field, e.g. --set lr=1e-3 --set norm=batch")
+                   help="override a config field, e.g. --set lr=1e-3 --set norm=batch")
     t.set_defaults(func=cmd_train)
 
     def port(v: str) -> int:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ablations.design.fixes import FIXES as SEED_FIXES, recipe  # noqa: E402
+from ablations.design.fixes import FIXES as SEED_FIXES, fix_overrides  # noqa: E402
 from benchmarks._env import code_state, load_average  # noqa: E402
 
 from model.baselines import constant_chorus_f1, linear_frame_f1  # noqa: E402
@@ -55,7 +55,7 @@ from model.train import TrainResult, train  # noqa: E402
 
 warnings.filterwarnings("ignore", category=HighLearningRateWarning)
 
-BROKEN: dict[str, Any] = recipe(baseline="broken")  # every fix and safeguard off
+BROKEN: dict[str, Any] = fix_overrides(baseline="broken")  # every fix and safeguard off
 # Each fix of the seed, and the override that turns it off (back to the seed's broken value).
 FIXES: list[tuple[str, dict[str, Any]]] = [(name, dict(fix.before))
                                           for name, fix in SEED_FIXES.items()]

@@ -1,4 +1,8 @@
-"""TrainConfig: every knob of one training run, with the fixed recipe as defaults.
+"""Configs: every knob of one training run, with the fixed recipe as defaults.
+
+  LoopConfig   the shared training loop's knobs (model/train.py); every recipe's config inherits
+  SongsConfig  + songs, features and input pre-normalisation (the chorus recipes)
+  TrainConfig  + the chorus CNN's network: the `chorus_cnn` recipe's config
 
 Defaults live here; YAML study files and `--set key=value` hold only overrides. Values coming
 from text (the command line, YAML 1.1 which reads `1e-4` as a string) go through
@@ -32,14 +36,160 @@ class HighLearningRateWarning(UserWarning):
     """The seed's "learning rate warning": lr above the recommended 1e-4..5e-4."""
 
 
-_POSITIVE_INTS = ("n_songs", "frames", "n_features", "sample_rate", "n_fft", "hop_length",
-                  "hidden_dim", "n_blocks", "kernel_size", "epochs", "steps_per_epoch",
-                  "batch_size", "rollback_every", "spike_window")
+@dataclass(frozen=True)
+class LoopConfig:
+    """The shared training loop's knobs (model/train.py): every recipe's config inherits them,
+    so every recipe gets the same precision, optimizer, schedule, clipping, non-finite policy and
+    forensics, and the same stress factors. Defaults are the chorus CNN's fixed recipe; a recipe
+    overrides a default by declaring the field again."""
+
+    # ---- optimisation -----------------------------------------------------------------
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer. `sgd` uses momentum 0.9."""
+    lr: float = 5e-4
+    """Learning rate. Above 5e-4 a HighLearningRateWarning is emitted (the seed's warning)."""
+    weight_decay: float = 1e-4
+    """Weight decay (decoupled for adamw)."""
+    weight_decay_mode: Literal["coupled", "independent"] = "coupled"
+    """`coupled`: each step decays the weights by lr x weight_decay (PyTorch's AdamW). `independent`:
+    by weight_decay x (lr_t / lr), so the decay follows the schedule but not the lr itself (adamw
+    only; Wortsman et al. 2023 sec. 3.2.2, "independent weight decay", Loshchilov & Hutter's
+    original form). In an lr sweep the coupled decay grows with the lr; the independent one does
+    not."""
+    adam_eps: float = 1e-8
+    """Epsilon of adam/adamw (the update is m / (sqrt(v) + eps)). Stress knob of the update size:
+    where gradients' RMS falls below eps the update shrinks towards plain SGD scaled by lr/eps,
+    and Wortsman et al. 2023 (sec. 3.4) show eps changes LR sensitivity. Optimizer state stays
+    fp32 here, so it is not a NaN source by itself; with fp16 optimizer state (not used here) an
+    eps below fp16's smallest number (6e-8) rounds to 0 and a zero second moment divides by 0."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr over this many steps; 0 = none. The standard
+    stabiliser users reach for first: the first updates of Adam, with fresh moment estimates, are
+    the largest relative to the weights, the usual place for an early blow-up at high lr."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warmup: `constant`, or `cosine` / `linear` decay towards 0 at the last step."""
+    epochs: int = 8
+    """Epochs; validation runs after each."""
+    steps_per_epoch: int = 40
+    """Optimizer steps per epoch (each step draws random windows from the training songs)."""
+    batch_size: int = 16
+    """Windows per step."""
+    frames: int = 256
+    """Frames per training window (example length T)."""
+    grad_clip: Optional[float] = 0.5
+    """Max total grad norm for clipping; None = off. The pre-clip norm is logged either way."""
+    param_clamp: Optional[float] = None
+    """Clamp every parameter to [-c, c] after each step; None = off. The seed's broken code used 0.5."""
+    nonfinite: Literal["stop", "skip", "zero", "rollback"] = "zero"
+    """On a non-finite loss or grad norm: `stop` the run, `skip` the update, `zero` the
+    non-finite gradient entries and step (the seed's "NaN zeroing", part of its fixed recipe; the
+    `nan_zeroing` fix toggles stop -> zero), or `rollback`: restore the last good state (see
+    `rollback_every`), halve the learning rate and go on (not one of the seed's fixes; a value
+    a study can compare with the others). Non-finite parameters end the run under stop, skip
+    and zero; rollback restores them (at most model.nonfinite.MAX_ROLLBACKS times)."""
+    rollback_every: int = 50
+    """`rollback` only: copy model and optimizer state before the update of every M-th step whose
+    loss and grad norm are finite (and at the start); a rollback restores the latest copy."""
+    forensics: bool = True
+    """On a non-finite event, replay the step's batch under hooks to find the first non-finite
+    tensor (module, stage, statistics, songs). Costs nothing until an event happens."""
+    anomaly_mode: bool = False
+    """With `forensics`: rerun the replay under torch.autograd.detect_anomaly(check_nan=True) and
+    keep its traceback in the event. Only at events; never on every step."""
+    spike_factor: Optional[float] = 10.0
+    """A finite pre-clip grad norm above this times the running median of the last
+    `spike_window` norms is recorded as a `grad_spike` warning event; null = no spike check."""
+    spike_window: int = 50
+    """Grad norms in the running median of the spike check; the check starts once it is full."""
+    spike_action: Literal["record", "skip"] = "record"
+    """On a grad-norm spike: `record` the warning only, or also `skip` that step's update."""
+    lead_up: int = 10
+    """K: an event keeps loss, grad norm and lr of the K steps before it, and counts as recovered
+    when none of the next K steps is non-finite. 0 = no lead-up, recovered = not stopped."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Stress knob: the arithmetic of forward and backward (torch.autocast; parameters and optimizer
+    state stay fp32). `fp16` overflows above 65504 and underflows below 6e-8: a real and common
+    cause of non-finite training; its gradients are scaled by torch.amp.GradScaler, whose skipped
+    steps (an overflow of the *scaled* gradients while the scale is > 1) are counted apart, as
+    `scaler_skips`, not as non-finite events. `bf16` has fp32's range and 8 bits of mantissa: it
+    rarely overflows, but rounds; it needs no scaler. Validation runs in the same precision."""
+
+
+    # ---- run --------------------------------------------------------------------------
+    seed: int = 0
+    """Seed of initialisation, window sampling and dropout."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("epochs", "steps_per_epoch", "batch_size", "frames", "rollback_every",
+                     "spike_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "lead_up"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "adam_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.weight_decay_mode == "independent" and self.optimizer != "adamw":
+            raise ConfigError(f"weight_decay_mode: independent decays the weights apart from the "
+                              f"gradient step, which only adamw does; got optimizer="
+                              f"{self.optimizer!r}")
+        for name in ("grad_clip", "param_clamp"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a number > 0 or null (off), got {v!r}")
+        if self.spike_factor is not None and not (math.isfinite(self.spike_factor)
+                                                  and self.spike_factor > 1):
+            raise ConfigError(f"spike_factor: must be a number > 1 or null (off), "
+                              f"got {self.spike_factor!r}")
+        if self.anomaly_mode and not self.forensics:
+            raise ConfigError("anomaly_mode: true needs forensics: true (anomaly mode reruns the "
+                              "forensic replay), got forensics=False")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    # ---- construction from text / YAML --------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], base: "LoopConfig | None" = None,
+                       where: str = "") -> Any:
+        """Defaults (or `base`) with `overrides` applied; values are coerced to each field's type.
+
+        `where` prefixes error messages (e.g. "studies/x.yaml: base.") so they name the source.
+        """
+        names = cls.field_names()
+        coerced = {}
+        for key, value in overrides.items():
+            if key not in names:
+                raise ConfigError(f"{where}{key}: unknown setting; allowed: {', '.join(names)}")
+            coerced[key] = coerce_field(key, value, where, cls)
+        try:
+            return dataclasses.replace(base, **coerced) if base else cls(**coerced)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One training run of the chorus CNN. Defaults are the seed's *fixed* recipe."""
+class SongsConfig(LoopConfig):
+    """A recipe trained on songs (model/data.py): where they come from, their features, the
+    input stress knobs and input pre-normalisation. Shared by the chorus CNN and the chorus
+    Transformer."""
 
     # ---- data -------------------------------------------------------------------------
     data_source: Literal["synthetic", "harmonix"] = "synthetic"
@@ -50,8 +200,6 @@ class TrainConfig:
     many of its timelines are used (picked by data_seed). `harmonix` uses every track."""
     data_seed: int = 0
     """Seed of the song generator; fixed across training seeds so runs share one data set."""
-    frames: int = 256
-    """Frames per training window (example length T)."""
     n_features: int = 64
     """Feature bands per frame (log-mel-like); for audio, the number of mel bands."""
     frame_rate: float = 4.0
@@ -97,6 +245,30 @@ class TrainConfig:
     x10). Large scales overflow fp16 in the first convolution and, without input_norm, push the
     norm layers and the gradients to extremes (LayerNorm goes non-finite at 1e20)."""
 
+    input_norm: bool = True
+    """Pre-normalise the input: standardise each band over the valid frames of the window."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_data_fields(self)
+        for name in ("n_songs", "n_features", "sample_rate", "n_fft", "hop_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_songs < 2:
+            raise ConfigError(f"n_songs: need at least 2 (one to train, one to validate), got {self.n_songs}")
+        if not 0.0 < self.val_fraction < 1.0:  # (NaN fails every comparison)
+            raise ConfigError(f"val_fraction: must be in (0.0, 1.0), got {self.val_fraction!r}")
+        for name in ("frame_rate", "feature_scale"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(SongsConfig):
+    """One training run of the chorus CNN (the `chorus_cnn` recipe). Defaults are the seed's
+    *fixed* recipe."""
+
     # ---- network ----------------------------------------------------------------------
     hidden_dim: int = 48
     """Channels of the conv stem and the residual blocks."""
@@ -110,165 +282,37 @@ class TrainConfig:
     """`layer`: LayerNorm on [B,T,C] (fixed). `batch`: BatchNorm1d with [B,T,C]->[B,C,T] transposes (broken)."""
     residual_scale: float = 1.0
     """Multiplier of the identity path, x = f(x) + s * residual. 1.0 is standard; the seed had 0.05/0.1."""
-    input_norm: bool = True
-    """Pre-normalise the input: standardise each band over the valid frames of the window."""
     classifier_bias: tuple[float, float] = (0.0, 0.0)
     """Initial classifier bias as [verse, chorus]. The seed's broken init was verse-biased (0.02, 0.0)."""
 
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Stress knob: the arithmetic of forward and backward (torch.autocast; parameters and optimizer
-    state stay fp32). `fp16` overflows above 65504 and underflows below 6e-8: a real and common
-    cause of non-finite training; its gradients are scaled by torch.amp.GradScaler, whose skipped
-    steps (an overflow of the *scaled* gradients while the scale is > 1) are counted apart, as
-    `scaler_skips`, not as non-finite events. `bf16` has fp32's range and 8 bits of mantissa: it
-    rarely overflows, but rounds; it needs no scaler. Validation runs in the same precision."""
-
-    # ---- optimisation -----------------------------------------------------------------
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    """Optimizer. `sgd` uses momentum 0.9."""
-    lr: float = 5e-4
-    """Learning rate. Above 5e-4 a HighLearningRateWarning is emitted (the seed's warning)."""
-    weight_decay: float = 1e-4
-    """Weight decay (decoupled for adamw)."""
-    adam_eps: float = 1e-8
-    """Epsilon of adam/adamw (the update is m / (sqrt(v) + eps)). Stress knob of the update size:
-    where gradients' RMS falls below eps the update shrinks towards plain SGD scaled by lr/eps,
-    and Wortsman et al. 2023 (sec. 3.4) show eps changes LR sensitivity. Optimizer state stays
-    fp32 here, so it is not a NaN source by itself; with fp16 optimizer state (not used here) an
-    eps below fp16's smallest number (6e-8) rounds to 0 and a zero second moment divides by 0."""
-    warmup_steps: int = 0
-    """Linear warmup from lr/warmup_steps to lr over this many steps; 0 = none. The standard
-    stabiliser users reach for first: the first updates of Adam, with fresh moment estimates, are
-    the largest relative to the weights, the usual place for an early blow-up at high lr."""
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """After warmup: `constant`, or `cosine` / `linear` decay towards 0 at the last step."""
-    epochs: int = 8
-    """Epochs; validation runs after each."""
-    steps_per_epoch: int = 40
-    """Optimizer steps per epoch (each step draws random windows from the training songs)."""
-    batch_size: int = 16
-    """Windows per step."""
-    grad_clip: Optional[float] = 0.5
-    """Max total grad norm for clipping; None = off. The pre-clip norm is logged either way."""
-    param_clamp: Optional[float] = None
-    """Clamp every parameter to [-c, c] after each step; None = off. The seed's broken code used 0.5."""
-    nonfinite: Literal["stop", "skip", "zero", "rollback"] = "zero"
-    """On a non-finite loss or grad norm: `stop` the run, `skip` the update, `zero` the
-    non-finite gradient entries and step (the seed's "NaN zeroing", part of its fixed recipe; the
-    `nan_zeroing` fix toggles stop -> zero), or `rollback`: restore the last good state (see
-    `rollback_every`), halve the learning rate and go on (not one of the seed's fixes; a value
-    a study can compare with the others). Non-finite parameters end the run under stop, skip
-    and zero; rollback restores them (at most model.nonfinite.MAX_ROLLBACKS times)."""
-    rollback_every: int = 50
-    """`rollback` only: copy model and optimizer state before the update of every M-th step whose
-    loss and grad norm are finite (and at the start); a rollback restores the latest copy."""
-    forensics: bool = True
-    """On a non-finite event, replay the step's batch under hooks to find the first non-finite
-    tensor (module, stage, statistics, songs). Costs nothing until an event happens."""
-    anomaly_mode: bool = False
-    """With `forensics`: rerun the replay under torch.autograd.detect_anomaly(check_nan=True) and
-    keep its traceback in the event. Only at events; never on every step."""
-    spike_factor: Optional[float] = 10.0
-    """A finite pre-clip grad norm above this times the running median of the last
-    `spike_window` norms is recorded as a `grad_spike` warning event; null = no spike check."""
-    spike_window: int = 50
-    """Grad norms in the running median of the spike check; the check starts once it is full."""
-    spike_action: Literal["record", "skip"] = "record"
-    """On a grad-norm spike: `record` the warning only, or also `skip` that step's update."""
-    lead_up: int = 10
-    """K: an event keeps loss, grad norm and lr of the K steps before it, and counts as recovered
-    when none of the next K steps is non-finite. 0 = no lead-up, recovered = not stopped."""
-
-    # ---- run --------------------------------------------------------------------------
-    seed: int = 0
-    """Seed of initialisation, window sampling and dropout."""
-    device: str = "auto"
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check_data_fields(self)
-        for name in _POSITIVE_INTS:
+        super().__post_init__()
+        for name in ("hidden_dim", "n_blocks", "kernel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "lead_up"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size: must be odd (for 'same' padding), got {self.kernel_size}")
-        if self.n_songs < 2:
-            raise ConfigError(f"n_songs: need at least 2 (one to train, one to validate), got {self.n_songs}")
-        if not 0.0 < self.val_fraction < 1.0:  # (NaN fails every comparison)
-            raise ConfigError(f"val_fraction: must be in (0.0, 1.0), got {self.val_fraction!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0.0, 1.0), got {self.dropout!r}")
-        for name in ("frame_rate", "lr", "feature_scale", "adam_eps"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         if not math.isfinite(self.residual_scale):
             raise ConfigError(f"residual_scale: must be finite, got {self.residual_scale!r}")
-        for name in ("grad_clip", "param_clamp"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name}: must be a number > 0 or null (off), got {v!r}")
-        if self.spike_factor is not None and not (math.isfinite(self.spike_factor)
-                                                  and self.spike_factor > 1):
-            raise ConfigError(f"spike_factor: must be a number > 1 or null (off), "
-                              f"got {self.spike_factor!r}")
-        if self.anomaly_mode and not self.forensics:
-            raise ConfigError("anomaly_mode: true needs forensics: true (anomaly mode reruns the "
-                              "forensic replay), got forensics=False")
         if len(self.classifier_bias) != 2 or not all(math.isfinite(b) for b in self.classifier_bias):
             raise ConfigError(f"classifier_bias: must be two finite numbers [verse, chorus], "
                               f"got {list(self.classifier_bias)!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or
-                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.lr > LR_WARN_ABOVE:
             warnings.warn(f"lr={self.lr:g} is above the recommended 1e-4..5e-4 for this CNN",
-                          HighLearningRateWarning, stacklevel=3)
-
-    # ---- construction from text / YAML --------------------------------------------------
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_overrides(cls, overrides: dict[str, Any], base: "TrainConfig | None" = None,
-                       where: str = "") -> "TrainConfig":
-        """Defaults (or `base`) with `overrides` applied; values are coerced to each field's type.
-
-        `where` prefixes error messages (e.g. "studies/x.yaml: base.") so they name the source.
-        """
-        names = cls.field_names()
-        coerced = {}
-        for key, value in overrides.items():
-            if key not in names:
-                raise ConfigError(f"{where}{key}: unknown setting; allowed: {', '.join(names)}")
-            coerced[key] = coerce_field(key, value, where)
-        try:
-            return dataclasses.replace(base, **coerced) if base else cls(**coerced)
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-able values (tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d["classifier_bias"] = list(self.classifier_bias)
-        d["chorus_labels"] = list(self.chorus_labels)
-        return d
+                          HighLearningRateWarning, stacklevel=4)
 
 
-_HINTS: dict[str, Any] = {}
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _field_type(name: str) -> Any:
-    if not _HINTS:
-        _HINTS.update(typing.get_type_hints(TrainConfig))
-    return _HINTS[name]
+def _field_type(name: str, cls: type = None) -> Any:
+    cls = cls if cls is not None else TrainConfig
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls][name]
 
 
 def _describe(tp: Any) -> str:
@@ -285,9 +329,10 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def coerce_field(name: str, value: Any, where: str = "") -> Any:
-    """Turn `value` (possibly text) into the type of TrainConfig field `name`, or raise ConfigError."""
-    tp = _field_type(name)
+def coerce_field(name: str, value: Any, where: str = "", cls: type = None) -> Any:
+    """Turn `value` (possibly text) into the type of field `name` of config class `cls` (default
+    TrainConfig), or raise ConfigError."""
+    tp = _field_type(name, cls)
     try:
         return _coerce(tp, value)
     except (TypeError, ValueError):
@@ -346,11 +391,11 @@ def _coerce(tp: Any, value: Any) -> Any:
     raise TypeError(tp)
 
 
-def _check_types(cfg: TrainConfig) -> None:
+def _check_types(cfg: LoopConfig) -> None:
     """Direct construction (not via from_overrides) must not smuggle in strings either:
     text is coerced only by from_overrides; here values must already have the field's type."""
     for f in dataclasses.fields(cfg):
-        v, tp = getattr(cfg, f.name), _field_type(f.name)
+        v, tp = getattr(cfg, f.name), _field_type(f.name, type(cfg))
         text_ok = (tp is str or typing.get_origin(tp) is Literal
                    or str in typing.get_args(tp) and typing.get_origin(tp) is not tuple)  # Optional[str]
         try:

@@ -70,6 +70,26 @@ class SongData:
         labels = np.concatenate([s.labels for s in self.train + self.val])
         return float(labels.mean())
 
+    @classmethod
+    def from_arrays(cls, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                    y_val: np.ndarray, frame_rate: float = 1.0) -> "SongData":
+        """Your own data for a recipe (model/recipe.py): examples x [N, F] with labels y [N] in
+        {0, 1} (each example a one-frame "song": train with frames: 1), or sequences x [N, T, F]
+        with per-frame labels y [N, T]. Class 1 is the one whose F1 is reported."""
+        def songs(x: np.ndarray, y: np.ndarray, split: str) -> tuple[Song, ...]:
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+            if x.ndim == 2:
+                x, y = x[:, None, :], y.reshape(-1, 1)
+            if x.ndim != 3 or y.shape != x.shape[:2] or not np.isin(y, (0, 1)).all():
+                raise ValueError(f"{split}: x must be [N, F] or [N, T, F] and y [N] or [N, T] of "
+                                 f"0/1 labels, got x {x.shape}, y {y.shape}")
+            return tuple(Song(f"{split}{i}", x[i], y[i], ()) for i in range(len(x)))
+
+        train, val = songs(x_train, y_train, "train"), songs(x_val, y_val, "val")
+        if not train or not val:
+            raise ValueError("from_arrays: need at least one training and one validation example")
+        return cls(train, val, train[0].features.shape[1], frame_rate)
+
 
 @dataclass
 class Batch:

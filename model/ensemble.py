@@ -84,6 +84,8 @@ def ensemble_declines(cfgs: list[TrainConfig], ensemble: Union[bool, str] = "aut
         return "ensemble off"
     if len(cfgs) < 2:
         return "a single member"
+    if type(cfgs[0]) is not TrainConfig:  # its members are vectorised with the CNN's loss
+        return "vectorised for the chorus_cnn recipe only"
     if cfgs[0].precision != "fp32":
         return f"precision {cfgs[0].precision} (GradScaler/autocast are not vectorised here)"
     if ensemble == "auto" and torch.device(resolve_device(cfgs[0].device)).type != "cuda":

@@ -1,8 +1,9 @@
-"""train(cfg, data, log) -> TrainResult: one run of the chorus CNN.
+"""train(cfg, data, log) -> TrainResult: one run of a recipe (the chorus CNN by default): the
+shared loop every recipe gets (model/recipe.py); the recipe gives its model, data and loss.
 
 `log(metrics, step)` is the only way out; the default does nothing, so tests and benchmarks need
 no tracking server. Every step logs train/loss, train/grad_norm (pre-clip total norm),
-train/lr and train/chorus_pct; every epoch val/loss, val/chorus_f1, val/chorus_pct, val/accuracy;
+train/lr and train/chorus_pct (and the recipe's curves, e.g. train/attn_logit); every epoch val/loss, val/chorus_f1, val/chorus_pct, val/accuracy;
 and at the steps where they change the counts nonfinite/events, nonfinite/skipped_steps and
 nonfinite/spikes (never logged in a run without events).
 
@@ -21,18 +22,18 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from model.cnn import ChorusCNN
-from model.config import TrainConfig, resolve_device
-from model.data import Batch, SongData, WindowSampler, eval_batches, make_data
-from model.metrics import FrameCounts, count_frames, is_collapsed, masked_cross_entropy, predicted_chorus
+from model.config import LoopConfig, resolve_device
+from model.data import Batch, SongData, WindowSampler, eval_batches
+from model.metrics import FrameCounts, count_frames, is_collapsed, predicted_chorus
 from model.nonfinite import (MAX_ROLLBACKS, Forensics, Monitor, NonFiniteEvent, Snapshot,
                              locate_eval, locate_params, replay, rng_state, uses_rng)
+from model.recipe import recipe_for
 
 __all__ = ["LogFn", "NonFiniteEvent", "Run", "TrainResult", "no_log", "train"]
 
@@ -78,40 +79,45 @@ class TrainResult:
     wall_time_s: float = 0.0
     steps_per_s: float = 0.0
     events: list[NonFiniteEvent] = field(default_factory=list)
+    # the recipe's curves (model/recipe.py), summarised: peak_<name> (the largest finite value of
+    # the run) and final_<name> (the last step's); none for the chorus CNN
+    curves: dict[str, float] = field(default_factory=dict)
 
     def outcome(self) -> dict[str, float]:
         """Numeric outcome fields (events excluded), for tables and trackers."""
         d = dataclasses.asdict(self)
-        d.pop("events")
-        d.pop("status")
-        d.pop("first_nonfinite_where")
+        for k in ("events", "status", "first_nonfinite_where", "curves"):
+            d.pop(k)
+        d.update(self.curves)
         return {k: (float("nan") if v is None else float(v)) for k, v in d.items()}
 
 
-def build_model(cfg: TrainConfig, n_features: int) -> ChorusCNN:
-    cfg = dataclasses.replace(cfg, n_features=n_features) if n_features != cfg.n_features else cfg
-    return ChorusCNN.from_config(cfg)
+def build_model(cfg: LoopConfig, n_features: int) -> torch.nn.Module:
+    """The recipe's model for `cfg` (the chorus CNN for a TrainConfig), on the CPU."""
+    return recipe_for(cfg).build_model(cfg, n_features)
 
 
 class NoChorusWarning(UserWarning):
     """The validation split has no chorus frame: chorus F1 is undefined there."""
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     # Adam(W)'s fused kernel: one kernel for all parameters instead of ~10 small ones each (the
     # per-parameter loop torch uses on CPU by default); the same update to float rounding
     # (benchmarks/step_efficiency.py). It exists on CPU and CUDA only; None elsewhere = default.
     fused = True if params and params[0].device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                                 fused=fused)
+        # AdamW decays by lr_t x weight_decay; independent decay is weight_decay x lr_t / lr
+        # (the schedule's factor, not the lr itself): the same call with weight_decay / lr.
+        wd = cfg.weight_decay / cfg.lr if cfg.weight_decay_mode == "independent" else cfg.weight_decay
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, eps=cfg.adam_eps, fused=fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                 fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-def autocast(cfg: TrainConfig, device: str) -> Callable[[], ContextManager]:
+def autocast(cfg: LoopConfig, device: str) -> Callable[[], ContextManager]:
     """A factory of the run's autocast context (a no-op in fp32)."""
     if cfg.precision == "fp32":
         return contextlib.nullcontext
@@ -120,12 +126,12 @@ def autocast(cfg: TrainConfig, device: str) -> Callable[[], ContextManager]:
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
-def grad_scaler(cfg: TrainConfig, device: str) -> Optional[torch.amp.GradScaler]:
+def grad_scaler(cfg: LoopConfig, device: str) -> Optional[torch.amp.GradScaler]:
     """fp16 scales the loss so small gradients do not underflow (CUDA, and CPU in torch >= 2.3)."""
     return torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "fp16" else None
 
 
-def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+def lr_factor(cfg: LoopConfig, step: int, total_steps: int) -> float:
     """Multiplier of cfg.lr at `step` (1-based): linear warmup, then the decay of lr_schedule."""
     if step <= cfg.warmup_steps:
         return step / cfg.warmup_steps
@@ -139,7 +145,7 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: ChorusCNN, batches, device: str,
+def evaluate(model: torch.nn.Module, batches, device: str,
              amp: Callable[[], ContextManager] = contextlib.nullcontext) -> FrameCounts:
     """Frame counts and summed loss over every validation frame; one device sync."""
     was_training = model.training
@@ -178,7 +184,7 @@ def _record(res: TrainResult, mon: Monitor, ev: NonFiniteEvent,
         res.first_nonfinite_step, res.first_nonfinite_where = ev.step, ev.where
 
 
-def _action(cfg: TrainConfig, params_ok: bool, res: TrainResult) -> str:
+def _action(cfg: LoopConfig, params_ok: bool, res: TrainResult) -> str:
     """What the policy does with a non-finite step."""
     if cfg.nonfinite == "rollback":
         return "rolled_back" if res.rollbacks < MAX_ROLLBACKS else "stopped"
@@ -190,7 +196,7 @@ def _action(cfg: TrainConfig, params_ok: bool, res: TrainResult) -> str:
 
 
 @torch.no_grad()
-def apply_update(cfg: TrainConfig, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
+def apply_update(cfg: LoopConfig, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
                  step: Callable[[], None]) -> None:
     """Clip the gradients to cfg.grad_clip by their pre-clip norm, `step` the optimizer, clamp the
     parameters to +-cfg.param_clamp. `grad_norm` is a scalar, or one norm per member of an
@@ -209,11 +215,12 @@ def apply_update(cfg: TrainConfig, params: list[torch.nn.Parameter], grad_norm: 
         torch._foreach_clamp_min_(params, -cfg.param_clamp)
         torch._foreach_clamp_max_(params, cfg.param_clamp)
 
-def train(cfg: TrainConfig, data: SongData | None = None, log: LogFn = no_log) -> TrainResult:
-    """Train one configuration and return its outcome. Deterministic on CPU for a given seed."""
+def train(cfg: LoopConfig, data: SongData | None = None, log: LogFn = no_log) -> TrainResult:
+    """Train one configuration of its recipe (the config's class names it: TrainConfig is the
+    chorus CNN) and return its outcome. Deterministic on CPU for a given seed."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    data = data if data is not None else make_data(cfg)
+    data = data if data is not None else recipe_for(cfg).make_data(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.n_features).to(device)
     run = Run(cfg, data, model, device, log, t_start)
@@ -230,15 +237,19 @@ class Run:
     and hands a member back to run_from at the step (or validation) where it needs what only
     this loop does."""
 
-    def __init__(self, cfg: TrainConfig, data: SongData, model: ChorusCNN, device: str,
+    def __init__(self, cfg: LoopConfig, data: SongData, model: torch.nn.Module, device: str,
                  log: LogFn, t_start: float):
         self.cfg, self.model, self.device, self.log, self.t_start = cfg, model, device, log, t_start
+        recipe = recipe_for(cfg)
+        self.loss_fn = recipe.loss(cfg)
+        self.curves = tuple(recipe.curves.items())  # (name, model attribute)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = build_optimizer(cfg, self.params)
         self.amp, self.scaler = autocast(cfg, device), grad_scaler(cfg, device)
         self.sampler = WindowSampler(data.train, cfg.frames, cfg.batch_size, cfg.seed)
         self.val_batches = eval_batches(data.val, cfg.frames, cfg.batch_size)
-        self.res = TrainResult(status="converged", steps=0, epochs=0)
+        self.res = TrainResult(status="converged", steps=0, epochs=0, curves={
+            f"{k}_{name}": math.nan for name, _ in self.curves for k in ("peak", "final")})
         # Eval mode, no grad: touches no RNG, no BatchNorm statistic, no optimizer state, so the
         # run that follows is the same run as without it.
         self.res.init_val_loss = evaluate(model, self.val_batches, device, self.amp).loss()
@@ -300,9 +311,10 @@ class Run:
         rng = rng_state(self.device) if self.keep_rng else None  # a replay redraws its dropout
         loss, grads, grad_norm, chorus_pct = self.forward_backward(b)
         # The one device sync of the step: these values are logged anyway.
-        loss_v, gn_v, pct_v = torch.stack(
-            [loss.detach().float(), grad_norm.float(), chorus_pct.float()]).tolist()
-        self.after_sync(loss_v, gn_v, pct_v)
+        loss_v, gn_v, pct_v, *curves = torch.stack(
+            [loss.detach().float(), grad_norm.float(), chorus_pct.float(),
+             *self.curve_values()]).tolist()
+        self.after_sync(loss_v, gn_v, pct_v, curves)
         if self.scaler_overflowed(loss_v, gn_v):  # fp16: the scaler's own skip, not an event
             return False
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):  # cfg.nonfinite decides
@@ -333,7 +345,7 @@ class Run:
         """Loss, gradients (unscaled), their pre-clip total norm and the batch's chorus %."""
         with self.amp():
             logits = self.model(b.x, b.mask)  # [B, T, 2]
-            loss = masked_cross_entropy(logits, b.y, b.mask)
+            loss = self.loss_fn(logits, b.y, b.mask)
         self.opt.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if self.scaler is not None:
@@ -345,12 +357,23 @@ class Run:
             chorus_pct = 100.0 * pred.sum() / b.mask.sum().clamp_min(1)
         return loss, grads, grad_norm, chorus_pct
 
-    def after_sync(self, loss_v: float, gn_v: float, pct_v: float) -> None:
+    def curve_values(self) -> list[torch.Tensor]:
+        """The recipe's curves as the last forward left them (0-dim tensors; no sync here)."""
+        return [getattr(self.model, attr).detach().float().reshape(()) for _, attr in self.curves]
+
+    def after_sync(self, loss_v: float, gn_v: float, pct_v: float,
+                   curves: Sequence[float] = ()) -> None:
         """The step's values once on the host: logged, kept in the result, fed to the monitor
         (lead-up of a later event, the spike median)."""
         step, lr, res = self.step, self.opt.param_groups[0]["lr"], self.res
+        named = {f"train/{name}": v for (name, _), v in zip(self.curves, curves)}
         self.log({"train/loss": loss_v, "train/grad_norm": gn_v, "train/lr": lr,
-                  "train/chorus_pct": pct_v}, step)
+                  "train/chorus_pct": pct_v, **named}, step)
+        for (name, _), v in zip(self.curves, curves):
+            res.curves[f"final_{name}"] = v
+            peak = res.curves.get(f"peak_{name}", math.nan)
+            if math.isfinite(v) and not v <= peak:  # (NaN peak: the first finite value)
+                res.curves[f"peak_{name}"] = v
         res.final_train_loss, res.final_grad_norm = loss_v, gn_v
         if step == 1:
             res.init_loss = loss_v
@@ -434,8 +457,7 @@ class Run:
             if not params_ok:
                 return self.locate_bad_params()
             with self.amp():
-                return replay(self.model, b, masked_cross_entropy, rng, self.device,
-                              cfg.anomaly_mode)
+                return replay(self.model, b, self.loss_fn, rng, self.device, cfg.anomaly_mode)
 
         self.event(kind, action, epoch, loss_v, gn_v, locate)
         if action == "stopped":

@@ -14,9 +14,13 @@ TINY_SETS = ["n_songs=6", "frames=64", "n_features=16", "hidden_dim=8", "n_block
              "epochs=2", "steps_per_epoch=5", "batch_size=4", "device=cpu"]
 BAD_SETS = {"lr=abc": "lr", "nosuchkey=1": "nosuchkey", "norm=group": "norm", "lr": "lr"}
 # The README's one-run symptom command, verbatim (it must print the seed's symptom)
-SYMPTOM = ["--recipe", "broken", "features=power", "precision=fp16", "nonfinite=stop", "epochs=1",
+SYMPTOM = ["--baseline", "broken", "features=power", "precision=fp16", "nonfinite=stop", "epochs=1",
            "steps_per_epoch=5"]
+TRANSFORMER = ["--recipe", "chorus_transformer", "n_songs=6", "frames=32", "n_features=16",
+               "d_model=16", "n_heads=2", "n_layers=1", "epochs=1", "steps_per_epoch=5",
+               "batch_size=4", "device=cpu"]
 RUNS = {"tiny": TINY_SETS, "high_lr": TINY_SETS + ["lr=2e-3"], "symptom": SYMPTOM,
+        "transformer": TRANSFORMER, "old_recipe_flag": ["--recipe", "broken"] + TINY_SETS,
         **{b: [b] for b in BAD_SETS}}
 if not torch.cuda.is_available():
     RUNS["cuda"] = TINY_SETS + ["device=cuda"]
@@ -25,7 +29,7 @@ if not torch.cuda.is_available():
 def run_train(sets: list[str]) -> subprocess.CompletedProcess:
     args = [sys.executable, "runner.py", "train"]
     for s in sets:
-        args += [s] if s.startswith("--") or args[-1] == "--recipe" else ["--set", s]
+        args += [s] if s.startswith("--") or args[-1] in ("--baseline", "--recipe") else ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: threads only add contention
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
@@ -47,6 +51,25 @@ def test_train_tiny_config_exits_0_and_prints_status(cli):
     assert "10 steps" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert "warning" not in proc.stderr
+
+
+def test_train_a_shipped_recipe_by_name(cli):
+    """`--recipe chorus_transformer`: its own config fields, and its curve (the largest attention
+    logit) summarised on the status line."""
+    proc = cli["transformer"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("training chorus_transformer: {")
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("status ") and "5 steps" in last and " peak_attn_logit " in last
+
+
+def test_old_recipe_flag_still_means_the_baseline(cli):
+    """`--recipe broken` (before recipes were model families) still trains the broken recipe,
+    with a one-line note."""
+    proc = cli["old_recipe_flag"]
+    assert proc.returncode == 0, proc.stderr
+    assert "note: --recipe broken now reads --baseline broken" in proc.stderr
+    assert "'norm': 'batch'" in proc.stdout.splitlines()[0]
 
 
 def test_readme_symptom_command_prints_the_seed_symptom(cli):

@@ -28,6 +28,7 @@ from typing import Any
 from ablations.design.fractional import LETTERS, fractional_generators, resolution, sign_rows
 from ablations.design.spec import Factor, StudySpec
 from model.config import HighLearningRateWarning, TrainConfig
+from model.recipe import recipe_for
 
 @dataclass(frozen=True)
 class Cell:
@@ -55,7 +56,7 @@ class PlannedRun:
 
     cell: Cell
     seed: int
-    config: TrainConfig
+    config: Any  # the recipe's config (TrainConfig for the chorus CNN)
 
     @functools.cached_property  # (a launch reads it several times per run: 10 000-run plans)
     def run_key(self) -> str:
@@ -93,17 +94,21 @@ _DEFAULTS: dict[str, Any] = {}
 PLACE_V1 = {"device": "auto", "cache_dir": None}  # one value for each of PLACE_FIELDS
 
 
-def config_key(cfg: TrainConfig) -> str:
-    """Stable id of a resolved config: 12 hex digits of a SHA-256 of its canonical JSON, over the
-    KEY_FIELDS_V1 fields (device and cache_dir at PLACE_V1) plus each later field that differs
-    from its default."""
+def config_key(cfg: Any) -> str:
+    """Stable id of a resolved config: 12 hex digits of a SHA-256 of its canonical JSON. The
+    chorus CNN's (TrainConfig): over the KEY_FIELDS_V1 fields (device and cache_dir at PLACE_V1)
+    plus each later field that differs from its default, so its keys are those issued before
+    recipes existed. Any other recipe's: its name and every field but where the run happens."""
+    if type(cfg) is not TrainConfig:
+        return stable_hash({"recipe": recipe_for(cfg).name,
+                            **{k: v for k, v in cfg.to_dict().items() if k not in PLACE_V1}})[:12]
     return _key({**cfg.to_dict(), **PLACE_V1})
 
 
-def legacy_key(cfg: TrainConfig, key: str | None = None) -> str:
+def legacy_key(cfg: Any, key: str | None = None) -> str:
     """The key before device and cache_dir left the identity: their own values hashed. `key`:
     config_key(cfg), returned as is where the two agree (no second hash)."""
-    if all(getattr(cfg, k) == v for k, v in PLACE_V1.items()):
+    if type(cfg) is not TrainConfig or all(getattr(cfg, k) == v for k, v in PLACE_V1.items()):
         return key if key is not None else config_key(cfg)
     return _key(cfg.to_dict())
 
@@ -192,8 +197,8 @@ def cells(spec: StudySpec) -> list[Cell]:
             for c in design for s in full_factorial(stress)]
 
 
-def resolve(spec: StudySpec, cell: Cell, seed: int) -> TrainConfig:
-    """The TrainConfig of a cell at a seed: baseline fixes, base overrides, factor values, seed."""
+def resolve(spec: StudySpec, cell: Cell, seed: int) -> Any:
+    """The config (the recipe's class) of a cell at a seed: baseline fixes, base overrides, factor values, seed."""
     overrides = dict(spec.base_config_overrides())
     by_name = {f.name: f for f in spec.factors}
     for name, value in cell.assignment:
@@ -201,8 +206,8 @@ def resolve(spec: StudySpec, cell: Cell, seed: int) -> TrainConfig:
     overrides["seed"] = seed
     with warnings.catch_warnings():  # the lr warning is for interactive use, not per cell
         warnings.simplefilter("ignore", HighLearningRateWarning)
-        return TrainConfig.from_overrides(overrides, where=f"{spec.source}: cell "
-                                                           f"{cell.label(spec.factors)}: ")
+        return spec.config_class.from_overrides(overrides, where=f"{spec.source}: cell "
+                                                                 f"{cell.label(spec.factors)}: ")
 
 
 def runs(spec: StudySpec) -> list[PlannedRun]:

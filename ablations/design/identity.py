@@ -75,16 +75,17 @@ def claimed_run(spec: StudySpec, params: Mapping[str, Any], attrs: Mapping[str, 
         values = {f.name: _value_of(f, params[f.name]) for f in spec.factors}
     cell = Cell(tuple((f.name, values[f.name]) for f in spec.factors),
                 tuple(r for r in attrs.get("roles", "").split(",") if r))
-    run = PlannedRun(cell, attrs["seed"], claimed_config(attrs))
+    run = PlannedRun(cell, attrs["seed"], claimed_config(attrs, spec))
     run.__dict__["run_key"] = attrs["run_key"]  # (PlannedRun.run_key is a cached property)
     return run
 
 
-def claimed_config(attrs: Mapping[str, Any]) -> TrainConfig:
-    """The resolved config a queued run trains (its `config` attribute)."""
+def claimed_config(attrs: Mapping[str, Any], spec: StudySpec | None = None) -> Any:
+    """The resolved config a queued run trains (its `config` attribute), of the study's recipe."""
+    cls = spec.config_class if spec is not None else TrainConfig
     with warnings.catch_warnings():  # (the warning was given when the study was planned)
         warnings.simplefilter("ignore", HighLearningRateWarning)
-        return TrainConfig.from_overrides(json.loads(attrs["config"]))
+        return cls.from_overrides(json.loads(attrs["config"]))
 
 
 def config_but_seed(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@
       lr: [1e-3, 1e-2, 1e-1, 1]     # cells, the axis along which stability is measured
       precision: [fp32, fp16]       # (see ablations/results/stability.py); not for search designs
     base: {epochs: 4}               # TrainConfig overrides for every run
+    recipe: chorus_cnn              # the model family (`runner.py recipes`), or your own:
+                                    # package.module:ATTR or path/to/file.py:ATTR
     objective: {metric: final_val_f1, direction: maximize}
     budget: {trials: 20, minutes: 30}   # optional; trials is required for search designs
     retries: 2                      # attempts after an exception (a diverged run is a result)
@@ -33,15 +35,15 @@ from typing import Any, Optional
 
 import yaml
 
-from ablations.design.fixes import FIXES, recipe
 from ablations.design.fractional import fractional_generators
-from model.config import (PLACE_FIELDS, ConfigError, HighLearningRateWarning, TrainConfig,
-                          coerce_field)
+from model.chorus_cnn import RECIPE as CHORUS_CNN
+from model.config import PLACE_FIELDS, ConfigError, HighLearningRateWarning, coerce_field
+from model.recipe import Fix, Recipe, RecipeError, load
 
 DESIGNS = ("full_factorial", "one_at_a_time", "fractional_factorial", "search")
 SAMPLERS = ("tpe", "random")
 TOP_KEYS = ("name", "description", "design", "factors", "stress", "seeds", "baseline", "base",
-            "objective", "budget", "retries")
+            "objective", "budget", "retries", "recipe")
 # Outcome metrics a study can optimise, their natural direction, and the value a run gets when
 # the metric could not be measured because training diverged (F1 of a model that outputs NaN:
 # it predicts no chorus frame, so 0; a loss or norm: +inf).
@@ -76,11 +78,13 @@ class Factor:
     values: tuple[Any, ...] = ()  # levels; empty for a range
     range: Optional[Range] = None
     stress: bool = False
+    fix: Optional[Fix] = field(default=None, compare=False, repr=False)  # the recipe's, for a fix
 
     def overrides(self, value: Any) -> dict[str, Any]:
-        """TrainConfig fields this factor sets at `value`."""
+        """Config fields this factor sets at `value`."""
         if self.kind == "fix":
-            return FIXES[self.name].values(bool(value))
+            fix = self.fix if self.fix is not None else CHORUS_CNN.fix_map[self.name]
+            return fix.values(bool(value))
         return {self.name: value}
 
     def label(self, value: Any) -> str:
@@ -106,6 +110,11 @@ class StudySpec:
     minutes: Optional[float] = None
     retries: int = 2
     source: str = ""
+    recipe: Recipe = field(default=CHORUS_CNN, compare=False, repr=False)
+
+    @property
+    def config_class(self) -> type:
+        return self.recipe.config
 
     @property
     def design_factors(self) -> tuple[Factor, ...]:
@@ -118,7 +127,7 @@ class StudySpec:
 
     def base_config_overrides(self) -> dict[str, Any]:
         """Fix states from the baseline, then the study's base overrides."""
-        return {**recipe(baseline=self.baseline), **self.base}
+        return {**self.recipe.overrides(baseline=self.baseline), **self.base}
 
     def diverged_value(self) -> float:
         """Objective value of a run whose metric is NaN (diverged): the worst possible."""
@@ -206,6 +215,24 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
     if not isinstance(description, str):
         raise err("description", f"must be text, got {description!r}")
 
+    # recipe: the model family whose fixes and config the rest of the file names
+    recipe_ref = raw.get("recipe", None)
+    if recipe_ref is not None and not (isinstance(recipe_ref, str) and recipe_ref.strip()):
+        raise err("recipe", f"must be a recipe name or package.module:ATTR / file.py:ATTR, got "
+                            f"{recipe_ref!r}")
+    try:
+        rec = load(recipe_ref, Path(where).parent if where != "<study>" else None)
+    except RecipeError as e:
+        raise SpecError(f"{where}: {e}") from None
+    fixes, cfg_cls = rec.fix_map, rec.config
+    cls_name = f"{rec.name} ({cfg_cls.__name__})"
+
+    def coerce(name: str, value: Any) -> Any:
+        if name not in cfg_cls.field_names():
+            raise ConfigError(f"{name}: unknown field of {cls_name}; allowed: "
+                              f"{', '.join(cfg_cls.field_names())}")
+        return coerce_field(name, value, cls=cfg_cls)
+
     # design
     design_raw = raw["design"]
     design_opts: dict[str, Any] = {}
@@ -233,19 +260,19 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
         raise err("baseline", f"must be fixed or broken, got {baseline!r}")
     base = raw.get("base", {}) or {}
     if not isinstance(base, dict):
-        raise err("base", f"must be a mapping of TrainConfig fields, got {base!r}")
-    base_cfg_overrides = {**recipe(baseline=baseline)}
+        raise err("base", f"must be a mapping of {cls_name} fields, got {base!r}")
+    base_cfg_overrides = {**rec.overrides(baseline=baseline)}
     coerced_base = {}
     for k, v in base.items():
-        if k in FIXES:
-            raise err(f"base.{k}", "is a fix, not a TrainConfig field: make it a factor "
-                                   "[off, on] or set its fields (see `runner.py fixes`)")
+        if k in fixes:
+            raise err(f"base.{k}", f"is a fix, not a {cls_name} field: make it a factor "
+                                   f"[off, on] or set its fields (see `runner.py fixes`)")
         try:
-            coerced_base[k] = _coerce(k, v)
+            coerced_base[k] = coerce(k, v)
         except ConfigError as e:
             raise err(f"base.{k}", str(e).split(": ", 1)[-1]) from None
     try:
-        TrainConfig.from_overrides({**base_cfg_overrides, **coerced_base})
+        cfg_cls.from_overrides({**base_cfg_overrides, **coerced_base})
     except ConfigError as e:
         raise SpecError(f"{where}: base.{e}") from None
 
@@ -253,13 +280,13 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
     factors_raw = raw["factors"]
     if not isinstance(factors_raw, dict) or not factors_raw:
         raise err("factors", "must be a non-empty mapping: a fix name -> [off, on], or a "
-                             "TrainConfig field -> list of values (or {low, high, log} for search)")
+                             "config field -> list of values (or {low, high, log} for search)")
     factors = []
     fields_set: dict[str, str] = {}
     for fname, spec in factors_raw.items():
         key = f"factors.{fname}"
-        factor = _parse_factor(str(fname), spec, key, err, design)
-        for f_field in (FIXES[fname].after if factor.kind == "fix" else {fname: None}):
+        factor = _parse_factor(str(fname), spec, key, err, design, rec, coerce)
+        for f_field in (fixes[fname].after if factor.kind == "fix" else {fname: None}):
             if f_field in fields_set:
                 raise err(key, f"sets {f_field}, which factor {fields_set[f_field]} already sets")
             if f_field in coerced_base:
@@ -267,7 +294,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
             fields_set[f_field] = str(fname)
         for value in factor.values:  # each level must make a valid config on its own
             try:
-                TrainConfig.from_overrides({**base_cfg_overrides, **coerced_base,
+                cfg_cls.from_overrides({**base_cfg_overrides, **coerced_base,
                                             **factor.overrides(value)})
             except ConfigError as e:
                 raise err(key, f"value {format_value(value)}: {str(e)}") from None
@@ -280,7 +307,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
     # stress factors: fields crossed with every cell of the design
     stress_raw = raw.get("stress", {}) or {}
     if not isinstance(stress_raw, dict):
-        raise err("stress", f"must be a mapping of TrainConfig field -> list of values, e.g. "
+        raise err("stress", f"must be a mapping of config field -> list of values, e.g. "
                             f"{{lr: [1e-3, 1e-2, 1e-1], precision: [fp32, fp16]}}, got {stress_raw!r}")
     if stress_raw and design == "search":
         raise err("stress", "is crossed with a designed set of cells; a search design samples its "
@@ -288,12 +315,12 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
     stress = []
     for fname, spec_ in stress_raw.items():
         key = f"stress.{fname}"
-        if fname in FIXES:
-            raise err(key, "is a fix; stress factors are TrainConfig fields (lr, precision, "
+        if fname in fixes:
+            raise err(key, "is a fix; stress factors are config fields (lr, precision, "
                            "features, feature_scale, ...); put fixes under factors")
         if isinstance(spec_, dict):
             raise err(key, f"takes a list of values (a ladder), got {spec_!r}")
-        factor = _parse_factor(str(fname), spec_, key, err, "full_factorial")
+        factor = _parse_factor(str(fname), spec_, key, err, "full_factorial", rec, coerce)
         factor = Factor(factor.name, "field", factor.values, None, stress=True)
         if str(fname) in fields_set:
             raise err(key, f"sets {fname}, which factor {fields_set[str(fname)]} already sets")
@@ -302,7 +329,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
         fields_set[str(fname)] = str(fname)
         for value in factor.values:
             try:
-                TrainConfig.from_overrides({**base_cfg_overrides, **coerced_base,
+                cfg_cls.from_overrides({**base_cfg_overrides, **coerced_base,
                                             **factor.overrides(value)})
             except ConfigError as e:
                 raise err(key, f"value {format_value(value)}: {str(e)}") from None
@@ -365,7 +392,7 @@ def _parse_spec(raw: dict[str, Any], where: str) -> StudySpec:
                      factors=tuple(factors) + tuple(stress), seeds=seeds, baseline=baseline, base=coerced_base,
                      objective_metric=metric, direction=direction, fraction=fraction,
                      sampler=sampler, trials=trials,
-                     minutes=minutes, retries=retries, source=where)
+                     minutes=minutes, retries=retries, source=where, recipe=rec)
 
 
 def _fraction_p(opts: dict[str, Any], k: int, err) -> int:
@@ -412,15 +439,10 @@ def _fraction_p(opts: dict[str, Any], k: int, err) -> int:
     return p
 
 
-def _coerce(name: str, value: Any) -> Any:
-    if name not in TrainConfig.field_names():
-        raise ConfigError(f"{name}: unknown TrainConfig field; allowed: "
-                          f"{', '.join(TrainConfig.field_names())}")
-    return coerce_field(name, value)
-
-
-def _parse_factor(name: str, spec: Any, key: str, err, design: str) -> Factor:
-    if name in FIXES:
+def _parse_factor(name: str, spec: Any, key: str, err, design: str, rec: Recipe,
+                  _coerce) -> Factor:
+    fixes, cfg_cls = rec.fix_map, rec.config
+    if name in fixes:
         if not isinstance(spec, list) or len(spec) < 2:
             raise err(key, f"a fix takes [off, on] (or [on, off]), got {spec!r}")
         values = []
@@ -432,10 +454,10 @@ def _parse_factor(name: str, spec: Any, key: str, err, design: str) -> Factor:
             values.append(v)
         if len(set(values)) != len(values):
             raise err(key, f"has duplicate values: {spec!r}")
-        return Factor(name, "fix", tuple(values))
-    if name not in TrainConfig.field_names():
-        raise err(key, f"not a fix or TrainConfig field; fixes: {', '.join(FIXES)}; fields: "
-                       f"{', '.join(TrainConfig.field_names())}")
+        return Factor(name, "fix", tuple(values), fix=fixes[name])
+    if name not in cfg_cls.field_names():
+        raise err(key, f"not a fix or config field of {rec.name}; fixes: {', '.join(fixes)}; "
+                       f"fields: {', '.join(cfg_cls.field_names())}")
     if name in PLACE_FIELDS:
         raise err(key, f"{name} is where a run happens, not what it is (two values would be the "
                        f"same run twice): set it in base, or per worker with --device")
@@ -465,7 +487,7 @@ def _parse_factor(name: str, spec: Any, key: str, err, design: str) -> Factor:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", HighLearningRateWarning)
-                    TrainConfig.from_overrides({name: end})
+                    cfg_cls.from_overrides({name: end})
             except ConfigError as e:
                 raise err(key, f"range end {format_value(end)}: {str(e)}") from None
         return Factor(name, "field", (), Range(float(low), float(high), log, isinstance(low, int)))

@@ -65,6 +65,7 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     if spec.design == "fractional_factorial":
         desc += "\n\nDesign: " + designs.describe_fraction(spec.design_factors, spec.fraction)
     exp_tags = {"study.design": spec.design, "study.source": spec.source,
+                "study.recipe": spec.recipe.ref or spec.recipe.name,
                 "optuna.storage": safe_url(storage_url)}
     if spec.stress_factors:  # the analysis reads which factors are the stress axis from here
         exp_tags["study.stress"] = ",".join(f.name for f in spec.stress_factors)
@@ -73,7 +74,9 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
     parent = tracker.start_launch(
         f"{spec.name} launch {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={"study": spec.name, "design": spec.design, "optuna_storage": safe_url(storage_url)},
-        params={"design": spec.design, "factors": ",".join(f.name for f in spec.factors),
+        params={"design": spec.design, "recipe": spec.recipe.name,
+                "factors": ",".join(f.name for f in spec.factors),
+                "fixes": ",".join(f.name for f in spec.factors if f.kind == "fix"),
                 "seeds": json.dumps(list(spec.seeds)), "baseline": spec.baseline,
                 "base": json.dumps(spec.base), "objective": f"{spec.objective_metric} "
                                                              f"({spec.direction})",

@@ -216,7 +216,7 @@ def ensemble_size(ctx: WorkerContext, trial: optuna.Trial) -> int:
         return 1
     from model.ensemble import ensemble_declines
 
-    cfg = identity.claimed_config(trial.user_attrs)
+    cfg = identity.claimed_config(trial.user_attrs, ctx.spec)
     if ctx.device:
         cfg = dataclasses.replace(cfg, device=ctx.device)
     mode = True if ctx.ensemble == "on" else "auto"

@@ -29,13 +29,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ablations.results import backgrounds, rates
-from ablations.design.fixes import FIXES
+from ablations.design.fixes import FIXES, Fix
 from ablations.tracking import reads
 from ablations.tracking.reads import experiment_tags, load_crashed, study_stress  # noqa: F401
 from ablations.results.verdicts import ClaimEstimate
@@ -333,8 +333,8 @@ def background_estimates(tests: pd.DataFrame) -> dict[str, list[ClaimEstimate]]:
 
 
 def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence[str] = (),
-                    stability_effects: Optional[pd.DataFrame] = None
-                    ) -> dict[str, list[ClaimEstimate]]:
+                    stability_effects: Optional[pd.DataFrame] = None,
+                    fixes: Mapping[str, Fix] = FIXES) -> dict[str, list[ClaimEstimate]]:
     """The evidence each claim is judged on.
 
     One-at-a-time designs: per background and regime, never pooled. With a stress axis, the
@@ -353,16 +353,17 @@ def claim_estimates(runs: pd.DataFrame, factors: Sequence[str], stress: Sequence
             in_runs = [s for s in stress if s in runs]
             axis = stability.layout(runs, factors, in_runs).axis if in_runs else None
             tests = backgrounds.rate_tests(runs, design, in_runs, axis=axis)
-        return {k: v for k, v in background_estimates(tests).items() if k in FIXES}
+        return {k: v for k, v in background_estimates(tests).items() if k in fixes}
     from ablations.results import stability
 
     regimes = stability.layout(runs, factors, stress).regime if stress else ()
     return {n: instability_estimates(runs, factors, n, regimes) for n in design
-            if n in FIXES and runs[n].nunique() == 2}
+            if n in fixes and runs[n].nunique() == 2}
 
 
 def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
-             claims: Optional[dict[str, list[ClaimEstimate]]] = None) -> pd.DataFrame:
+             claims: Optional[dict[str, list[ClaimEstimate]]] = None,
+             fixes: Mapping[str, Fix] = FIXES) -> pd.DataFrame:
     """Supported / refuted / background-dependent / inconclusive / untested for each seed claim
     whose fix is a factor.
 
@@ -374,11 +375,11 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
     if effects.empty:
         return pd.DataFrame(columns=columns)
     claims = claims if claims is not None else claim_estimates(
-        runs, [f for f in factor_names(runs) if f in runs])
-    fixes = [n for n in FIXES if n in claims]
-    judged = judge({n: claims[n] for n in fixes})
+        runs, [f for f in factor_names(runs) if f in runs], fixes=fixes)
+    judged_fixes = [n for n in fixes if n in claims]
+    judged = judge({n: claims[n] for n in judged_fixes})
     rows = []
-    for name in fixes:
+    for name in judged_fixes:
         f1 = effects[(effects.factor == name) & (effects.outcome == "final_val_f1")]
         ctx = "; ".join(f"{r.contrast}: {_ci(r, 3)}" for r in f1.head(4).itertuples())
         if len(f1) > 4:
@@ -386,7 +387,7 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
         v = judged[name]
         ev = "; ".join(e.describe() for e in claims[name])
         sentence = f"{name} on vs off: {ev}; final F1 change {ctx or 'n/a'} (context)."
-        rows.append({"fix": name, "critical": FIXES[name].critical, "claim": FIXES[name].claim,
+        rows.append({"fix": name, "critical": fixes[name].critical, "claim": fixes[name].claim,
                      "verdict": v.verdict, "evidence": sentence, "reason": v.reason})
     return pd.DataFrame(rows, columns=columns)
 

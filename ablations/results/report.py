@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import matplotlib
 import matplotlib.ticker
@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ablations.design.fixes import FIXES  # noqa: E402
+from ablations.design.fixes import FIXES, Fix  # noqa: E402
 from ablations.results import analysis, backgrounds, effects as fx, rates, stability  # noqa: E402
 from ablations.results.verdicts import RULE  # noqa: E402
+from model.recipe import Recipe  # noqa: E402
 
 OFF_ON_COLORS = {"off": "#d62728", "on": "#1f77b4"}
 CURVE_METRICS = [("train/loss", "train loss", True), ("train/grad_norm", "pre-clip grad norm", True),
@@ -62,17 +63,18 @@ def _arm(runs: pd.DataFrame, f: str, value) -> str:
 
 # ------------------------------------------------------------------------------ figures
 def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
-               out: Path) -> Optional[Path]:
+               out: Path, metrics: Optional[list[tuple[str, str, bool]]] = None) -> Optional[Path]:
     """Per factor (rows) x metric (columns): median over runs per step, inter-quartile band, for
     each arm; x marks where diverged runs first went non-finite."""
     facs = fx.two_level(runs, factors)
     if not facs:
         return None
-    fig, axes = plt.subplots(len(facs), len(CURVE_METRICS), figsize=(13, 2.6 * len(facs) + 0.6),
-                             squeeze=False)
+    metrics = metrics or CURVE_METRICS
+    fig, axes = plt.subplots(len(facs), len(metrics), figsize=(4.3 * len(metrics) + 0.1,
+                                                               2.6 * len(facs) + 0.6), squeeze=False)
     for i, f in enumerate(facs):
         levels = sorted(runs[f].dropna().unique())
-        for j, (metric, label, logy) in enumerate(CURVE_METRICS):
+        for j, (metric, label, logy) in enumerate(metrics):
             ax = axes[i][j]
             sub = curves[curves.metric == metric]
             for k, lv in enumerate(levels):
@@ -116,9 +118,10 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, factors: list[str],
     return path
 
 
-def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path) -> Optional[Path]:
+def fig_divergence_heatmap(runs: pd.DataFrame, factors: list[str], out: Path,
+                           fixes: Mapping[str, Fix] = FIXES) -> Optional[Path]:
     """Divergence rate among runs with fix A and fix B both off (diagonal: A off alone)."""
-    facs = [f for f in fx.two_level(runs, factors) if f in FIXES]
+    facs = [f for f in fx.two_level(runs, factors) if f in fixes]
     n = len(facs)
     if n == 0:
         return None
@@ -258,7 +261,7 @@ def infer_design(runs: pd.DataFrame, factors: list[str]) -> str:
 
 
 def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = "",
-            factors: Optional[list[str]] = None) -> Report:
+            factors: Optional[list[str]] = None, fixes: Mapping[str, Fix] = FIXES) -> Report:
     """Effects, verdicts and tables for the study's design.
 
     Factorial designs: the design's OLS model (ablations.results.effects) for continuous outcomes and
@@ -304,26 +307,31 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
                              rates.rate_table(runs, factors)], ignore_index=True)
         inter = analysis.interactions(runs, factors)
         oat = pd.DataFrame()
-    claims = analysis.claim_estimates(runs, factors, in_runs, stab)
-    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs, claims),
+    claims = analysis.claim_estimates(runs, factors, in_runs, stab, fixes)
+    return Report(study, runs, factors, effects, analysis.verdicts(effects, runs, claims, fixes),
                   inter, oat, analysis.ablation_path(runs, factors), design=design, fits=fits,
                   aliases=aliases, stress=stress, stability_effects=stab, crashed=crashed,
                   rate_tests=backgrounds.public(rate_tests))
 
 
 def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=None,
-                 design: str = "", objective: str = "final_val_f1") -> Report:
-    """Analyse the study, draw the figures, write report.md into out_dir."""
+                 design: str = "", objective: str = "final_val_f1",
+                 recipe: Optional[Recipe] = None) -> Report:
+    """Analyse the study, draw the figures, write report.md into out_dir. `recipe`: the study's
+    (its fixes are the claims judged, its curves drawn); default the chorus CNN."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = analyse(study, tracking_uri, plan, design)
+    fixes = recipe.fix_map if recipe is not None else FIXES
+    rep = analyse(study, tracking_uri, plan, design, fixes=fixes)
     runs = rep.runs
-    curves = analysis.load_curves(study, [m for m, _, _ in CURVE_METRICS], tracking_uri, runs)
+    metrics = CURVE_METRICS + [(f"train/{name}", name.replace("_", " "), True)
+                               for name in (recipe.curves if recipe is not None else {})]
+    curves = analysis.load_curves(study, [m for m, _, _ in metrics], tracking_uri, runs)
     search = rep.design == "search"
-    figures = {"curves": fig_curves(curves, runs, rep.factors, out_dir),
+    figures = {"curves": fig_curves(curves, runs, rep.factors, out_dir, metrics),
                "effects": fig_effects(rep.effects, out_dir),
                "half_normal": (fig_half_normal(rep.fits["final_val_f1"], out_dir)
                                if "final_val_f1" in rep.fits else None),
-               "divergence_heatmap": fig_divergence_heatmap(runs, rep.factors, out_dir),
+               "divergence_heatmap": fig_divergence_heatmap(runs, rep.factors, out_dir, fixes),
                "first_nonfinite": fig_first_nonfinite(runs, out_dir),
                "ablation_path": None if search else fig_path(rep.path, out_dir, objective)}
     rep.figures = {k: v for k, v in figures.items() if v is not None}  # some need 2+ cells

@@ -158,7 +158,7 @@ def grid(runs: pd.DataFrame, lay: StressLayout,
     seeds = sorted(df["seed"].unique())
     full = pairs.merge(pd.DataFrame({lay.axis: rungs}), how="cross").merge(
         pd.DataFrame({"seed": seeds}), how="cross")
-    cols = keys + ["stable", "capped", "l0", "status", "final_val_loss"]
+    cols = keys + ["stable", "capped", "l0", "status", "final_val_loss"] + curve_peaks(df)
     out = full.merge(df[cols].drop_duplicates(keys), on=keys, how="left", indicator=True)
     out["present"] = out.pop("_merge") == "both"
     out["crashed"] = False
@@ -338,6 +338,14 @@ OUTCOMES = {
                        "recipes ran, paired by seed (t)"),
 }
 VERDICT_OUTCOMES = ("edge_shift", "unstable_rate")
+# A recipe's curves (model/recipe.py), e.g. the Transformer's largest attention logit: each run's
+# peak, as the log10 ratio on / off averaged over the rungs both ran, paired by seed (t).
+CURVE_BETTER = "lower"
+
+
+def curve_peaks(runs: pd.DataFrame) -> list[str]:
+    """The recipe's curve outcomes in these runs (peak_<curve>; none for the chorus CNN)."""
+    return [c for c in runs.columns if c.startswith("peak_")]
 
 
 def fix_effects(runs: pd.DataFrame, lay: StressLayout,
@@ -365,6 +373,7 @@ def fix_effects(runs: pd.DataFrame, lay: StressLayout,
             gb = gr[(gr.recipe == r_on) & (gr.regime == regime)]
             rows.append({**base, **_unstable_row(ga, gb, a, b, lay.axis)})
             rows.append({**base, **_lrs_row(ga, gb, lay.axis)})
+            rows += [{**base, **_curve_row(ga, gb, lay.axis, col)} for col in curve_peaks(gr)]
     out = pd.DataFrame(rows)
     return bg.agreement(out) if not out.empty else out
 
@@ -434,6 +443,25 @@ def _lrs_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str) -> dict:
             "p": m.p, "n": m.n, "shown": shown, "note": m.note,
             "better": OUTCOMES["lr_sensitivity"][0],
             "untested": not math.isfinite(m.p), "counts": ""}
+
+
+def _curve_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str, col: str) -> dict:
+    """log10(peak on / peak off) of a recipe curve, per seed the mean over the rungs where both
+    runs measured it; t over seeds (-1 = ten times smaller with the fix)."""
+    d = []
+    for seed, sa in ga[ga.present].groupby("seed"):
+        j = sa.set_index(axis)[col].rename("off").to_frame().join(
+            gb[gb.present & (gb.seed == seed)].set_index(axis)[col].rename("on"), how="inner")
+        j = j[(j.on > 0) & (j.off > 0)].dropna()
+        if len(j):
+            d.append(float(np.mean(np.log10(j.on.to_numpy(float) / j.off.to_numpy(float)))))
+    m = bg.paired_t(np.asarray(d, float))
+    shown = (f"{m.effect:+.2f} [{m.low:+.2f}, {m.high:+.2f}]" if math.isfinite(m.low)
+             else f"{m.effect:+.2f} ({m.note})" if math.isfinite(m.effect) else m.note or "n/a")
+    return {"outcome": col, "effect": m.effect, "low": m.low, "high": m.high, "p": m.p, "n": m.n,
+            "shown": shown, "note": "log10 ratio on/off over the rungs both ran" + (
+                f"; {m.note}" if m.note else ""),
+            "better": CURVE_BETTER, "untested": not math.isfinite(m.p), "counts": ""}
 
 
 def rate_diff_interval(k_on: int, n_on: int, k_off: int, n_off: int) -> tuple[float, float]:

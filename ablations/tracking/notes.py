@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from ablations.design.fixes import FIXES
+from model.recipe import recipe_for
 from ablations.tracking.names import (REPORT_PATH, artifact_url, md_escape, siblings_url,
                                       study_runs_url)
 
@@ -22,7 +22,7 @@ def fix_states(cfg: TrainConfig) -> dict[str, str]:
     """on / off / other for every fix, read off the resolved config (so filters work on all fixes)."""
     d = cfg.to_dict()
     out = {}
-    for name, fix in FIXES.items():
+    for name, fix in recipe_for(cfg).fix_map.items():
         def matches(vals: dict[str, Any]) -> bool:
             return all(d[k] == (list(v) if isinstance(v, tuple) else v) for k, v in vals.items())
         out[name] = "on" if matches(fix.after) else "off" if matches(fix.before) else "other"

@@ -51,6 +51,7 @@ from ablations.tracking.names import (KIND_TAG, REPORT_PATH, TRAINING_KIND, arti
 from ablations.tracking.notes import fix_states, launch_note, report_note
 from ablations.tracking.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
 from model.config import TrainConfig
+from model.recipe import recipe_for
 from model.nonfinite import EVENT_COLUMNS, event_row
 from model.train import TrainResult
 
@@ -303,7 +304,7 @@ class StudyTracker:
 
     def start_child(self, parent_run_id: Optional[str], run_name: str, cfg: TrainConfig,
                     tags: dict[str, str]) -> "ChildRun":
-        all_tags = {**tags, "kind": "run", "git_commit": git_commit(),
+        all_tags = {**tags, "kind": "run", "git_commit": git_commit(), "recipe": recipe_for(cfg).name,
                     **{f"fix.{k}": v for k, v in fix_states(cfg).items()}}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

@@ -14,7 +14,7 @@ from ablations.design import designs
 from ablations.design.designs import (KEY_FIELDS_V1, Cell, config_key, describe_fraction,
                                       fractional_factorial, full_factorial, legacy_key,
                                       one_at_a_time, stable_hash)
-from ablations.design.fixes import FIXES, recipe
+from ablations.design.fixes import FIXES, fix_overrides
 from ablations.design.fractional import (GENERATORS, LETTERS, defining_relation, fractional_generators,
                                   resolution)
 from ablations.design.spec import Factor, load_spec, parse_spec
@@ -82,7 +82,7 @@ def test_resolve_applies_baseline_base_factor_and_seed():
     spec = spec_of({"layer_norm": ["off", "on"]}, baseline="broken", base={"epochs": 3})
     off, on = designs.cells(spec)
     with pytest.warns(HighLearningRateWarning):
-        broken = TrainConfig.from_overrides({**recipe(baseline="broken"), "epochs": 3, "seed": 1})
+        broken = TrainConfig.from_overrides({**fix_overrides(baseline="broken"), "epochs": 3, "seed": 1})
     assert designs.resolve(spec, off, 1) == broken
     with pytest.warns(HighLearningRateWarning):
         want = TrainConfig.from_overrides({**broken.to_dict(), "norm": "layer"})
@@ -150,7 +150,7 @@ def test_shipped_one_at_a_time_end_points_are_the_recipes():
     broken = next(c for c in cells if "broken" in c.roles)
     fixed = next(c for c in cells if "fixed" in c.roles)
     with pytest.warns(HighLearningRateWarning):
-        want = TrainConfig.from_overrides({**recipe(baseline="broken"), "seed": 2})
+        want = TrainConfig.from_overrides({**fix_overrides(baseline="broken"), "seed": 2})
     assert designs.resolve(spec, broken, 2) == want
     assert designs.resolve(spec, fixed, 2) == TrainConfig(seed=2)
 

@@ -1,14 +1,16 @@
 """ablations/design/fixes.py: the seed's fixes as on/off toggles, the broken and fixed recipes."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ablations.design import fixes
-from ablations.design.fixes import FIXES, Fix, check_consistent, recipe, table
+from ablations.design.fixes import FIXES, Fix, check_consistent, fix_overrides, table
+from model.chorus_cnn import RECIPE as CHORUS_CNN
 from model.config import HighLearningRateWarning, TrainConfig
+from model.recipe import RecipeError
 
 RUNNER = Path(__file__).resolve().parents[2] / "runner.py"
 
@@ -44,45 +46,45 @@ def test_check_consistent_passes():
     check_consistent()  # the fixed recipe is TrainConfig's defaults
 
 
-def test_check_consistent_detects_a_drifted_default(monkeypatch):
+def test_check_consistent_detects_a_drifted_default():
     drifted = dict(FIXES)
     drifted["low_lr"] = Fix("low_lr", {"lr": 1e-3}, {"lr": 2e-4}, "claim")
-    monkeypatch.setattr(fixes, "FIXES", drifted)
-    with pytest.raises(AssertionError, match="low_lr"):
-        check_consistent()
+    recipe = dataclasses.replace(CHORUS_CNN, fixes=tuple(drifted.values()))
+    with pytest.raises(RecipeError, match="low_lr: after lr=0.0002 but the config's default is 0.0005"):
+        check_consistent(recipe)
 
 
 def test_recipe_broken_gives_the_broken_values():
-    assert recipe(baseline="broken") == BROKEN
+    assert fix_overrides(baseline="broken") == BROKEN
 
 
 def test_recipe_fixed_gives_the_fixed_values_and_they_are_the_defaults():
-    assert recipe() == FIXED
-    assert recipe(baseline="fixed") == FIXED
-    assert TrainConfig.from_overrides(recipe()) == TrainConfig()
+    assert fix_overrides() == FIXED
+    assert fix_overrides(baseline="fixed") == FIXED
+    assert TrainConfig.from_overrides(fix_overrides()) == TrainConfig()
 
 
 def test_broken_recipe_is_a_valid_config():
     with pytest.warns(HighLearningRateWarning):  # lr 1e-3 is above the seed's 5e-4
-        cfg = TrainConfig.from_overrides(recipe(baseline="broken"))
+        cfg = TrainConfig.from_overrides(fix_overrides(baseline="broken"))
     for k, v in BROKEN.items():
         assert getattr(cfg, k) == v, k
     assert isinstance(cfg.lr, float) and isinstance(cfg.classifier_bias, tuple)
 
 
 def test_recipe_on_overrides_the_baseline_per_fix():
-    r = recipe({"layer_norm": True, "low_lr": True}, baseline="broken")
+    r = fix_overrides({"layer_norm": True, "low_lr": True}, baseline="broken")
     assert r == {**BROKEN, "norm": "layer", "lr": 5e-4}
-    r = recipe({"nan_zeroing": False}, baseline="fixed")
+    r = fix_overrides({"nan_zeroing": False}, baseline="fixed")
     assert r == {**FIXED, "nonfinite": "stop"}
 
 
 def test_each_fix_toggles_only_its_own_fields():
     for name, fix in FIXES.items():
-        off = recipe({name: False}, baseline="fixed")
+        off = fix_overrides({name: False}, baseline="fixed")
         changed = {k for k in off if off[k] != FIXED[k]}
         assert changed == set(fix.before), name
-        on = recipe({name: True}, baseline="broken")
+        on = fix_overrides({name: True}, baseline="broken")
         changed = {k for k in on if on[k] != BROKEN[k]}
         assert changed == set(fix.after), name
 
@@ -106,7 +108,7 @@ def test_fix_states_reads_fixes_off_a_config():
 
     assert fix_states(TrainConfig()) == {n: "on" for n in NAMES}
     with pytest.warns(HighLearningRateWarning):
-        broken = TrainConfig.from_overrides(recipe(baseline="broken"))
+        broken = TrainConfig.from_overrides(fix_overrides(baseline="broken"))
     assert fix_states(broken) == {n: "off" for n in NAMES}
     states = fix_states(TrainConfig(lr=1e-4, norm="batch"))
     assert states["low_lr"] == "other" and states["layer_norm"] == "off"

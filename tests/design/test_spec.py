@@ -70,6 +70,12 @@ def test_shipped_study_sizes():
 # (id, file text, key path the message must name)
 BAD = [
     ("unknown_top_key", GOOD + "colour: blue\n", "colour"),
+    ("unknown_recipe", GOOD + "recipe: chorus_rnn\n", "recipe"),
+    ("recipe_not_text", GOOD + "recipe: 3\n", "recipe"),
+    ("recipe_no_module", GOOD + "recipe: no_such_pkg.mod:RECIPE\n", "recipe"),
+    ("recipe_no_attribute", GOOD + "recipe: model.chorus_cnn:NOPE\n", "recipe"),
+    ("recipe_not_a_recipe", GOOD + "recipe: model.chorus_cnn:FIXES\n", "recipe"),
+    ("recipe_no_file", GOOD + "recipe: missing_recipe.py:RECIPE\n", "recipe"),
     ("missing_name", GOOD.replace("name: good\n", ""), "name"),
     ("bad_name", GOOD.replace("name: good", "name: 'has space'"), "name"),
     ("bad_design", GOOD.replace("design: full_factorial", "design: grid"), "design"),

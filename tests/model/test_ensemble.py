@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablations.design.fixes import recipe
+from ablations.design.fixes import fix_overrides
 from model.config import HighLearningRateWarning, TrainConfig
 from model.data import make_data
 from model.ensemble import _Ensemble, ensemble_declines, train_ensemble
@@ -105,7 +105,7 @@ def test_no_dropout_sgd_clamp_cosine():
 
 
 def test_broken_recipe_batchnorm():
-    check(cfgs(**recipe(baseline="broken")), val_rtol=RTOL_BN_VAL)
+    check(cfgs(**fix_overrides(baseline="broken")), val_rtol=RTOL_BN_VAL)
 
 
 def test_batchnorm_with_dropout_per_member_running_stats():

@@ -4,6 +4,7 @@ alone; lead-up, recovery, spikes, curves, config checks and the MLflow side."""
 
 import contextlib
 import copy
+import dataclasses
 import csv
 import io
 import math
@@ -228,6 +229,12 @@ def test_backward_localised_with_anomaly_trace(built):
     assert "NaNGradBackward" in f.anomaly_trace and "Traceback of forward call" in f.anomaly_trace
 
 
+def _use_loss(monkeypatch, loss_fn):
+    """Train with `loss_fn` through the recipe's loss hook (model/recipe.py)."""
+    recipe = dataclasses.replace(train_mod.recipe_for(tiny()), loss=lambda cfg: loss_fn)
+    monkeypatch.setattr(train_mod, "recipe_for", lambda cfg: recipe)
+
+
 def test_empty_mask_loss_is_finite_and_a_dividing_loss_is_localised(monkeypatch, batches):
     """A batch with no valid frame: the real loss is 0 (no 0/0), so no event. A loss that divides
     by the frame count unguarded is NaN there, and the replay names the loss stage."""
@@ -242,7 +249,7 @@ def test_empty_mask_loss_is_finite_and_a_dividing_loss_is_localised(monkeypatch,
         m = mask.reshape(-1).to(per_frame.dtype)
         return (per_frame * m).sum() / m.sum()
 
-    monkeypatch.setattr(train_mod, "masked_cross_entropy", unclamped_cross_entropy)
+    _use_loss(monkeypatch, unclamped_cross_entropy)
     res = train(tiny(nonfinite="stop"))
     assert (res.first_nonfinite_step, res.events[0].kind) == (3, "loss")
     assert res.first_nonfinite_where == "unclamped_cross_entropy:loss"
@@ -469,15 +476,14 @@ def test_a_stopped_event_did_not_recover(batches):
 
 # ------------------------------------------------------------------------------ spikes
 def _loss_times_at(monkeypatch, step, factor):
-    real = train_mod.masked_cross_entropy
     n = {"k": 0}
 
     def loss_fn(logits, y, mask):
         n["k"] += 1
-        loss = real(logits, y, mask)
+        loss = masked_cross_entropy(logits, y, mask)
         return loss * factor if n["k"] == step else loss
 
-    monkeypatch.setattr(train_mod, "masked_cross_entropy", loss_fn)
+    _use_loss(monkeypatch, loss_fn)
 
 
 @pytest.mark.parametrize("action", ["record", "skip"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ablations.design.designs import config_key
-from ablations.design.fixes import recipe
+from ablations.design.fixes import fix_overrides
 from model.config import ConfigError, TrainConfig
 from model.data import make_data
 import model.train as train_mod
@@ -159,7 +159,7 @@ def test_run_keys_of_existing_configs_are_unchanged():
     assert config_key(TrainConfig()) == "4fa19a8f1582"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        broken = TrainConfig.from_overrides({**recipe(baseline="broken"), "epochs": 5, "seed": 2})
+        broken = TrainConfig.from_overrides({**fix_overrides(baseline="broken"), "epochs": 5, "seed": 2})
     assert config_key(broken) == "9e238ec4afbf"
     assert config_key(cfg(precision="fp16")) != config_key(cfg())  # a set field is identity
     assert config_key(cfg(warmup_steps=3)) != config_key(cfg())

@@ -1,5 +1,6 @@
 """Metrics and train(): logging, determinism, clipping/clamping, non-finite policies."""
 
+import dataclasses
 import math
 
 import pytest
@@ -60,15 +61,16 @@ def captured_model(monkeypatch):
 
 def _nan_loss_at(monkeypatch, bad_step: int) -> None:
     """Make the training loss NaN at exactly one step (1-based)."""
-    real = train_mod.masked_cross_entropy
     calls = {"n": 0}
 
     def loss_fn(logits, y, mask):
         calls["n"] += 1
-        loss = real(logits, y, mask)
+        loss = masked_cross_entropy(logits, y, mask)
         return loss * float("nan") if calls["n"] == bad_step else loss
 
-    monkeypatch.setattr(train_mod, "masked_cross_entropy", loss_fn)
+    # through the recipe's loss hook (model/recipe.py), as a recipe with its own loss would
+    recipe = dataclasses.replace(train_mod.recipe_for(TrainConfig()), loss=lambda cfg: loss_fn)
+    monkeypatch.setattr(train_mod, "recipe_for", lambda cfg: recipe)
 
 
 # ------------------------------------------------------------------------------ metrics

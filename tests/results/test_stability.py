@@ -171,7 +171,7 @@ def test_stress_factors_are_crossed_with_every_cell():
     ({"bias_init": ["off", "on"]}, "stress.bias_init: is a fix"),
     ({"norm": ["layer", "batch"]}, "stress.norm: sets norm, which factor layer_norm already sets"),
     ({"feature_scale": [1, -1]}, "stress.feature_scale: value -1: feature_scale: must be a finite number > 0"),
-    ({"warp": [1, 2]}, "stress.warp: not a fix or TrainConfig field"),
+    ({"warp": [1, 2]}, "stress.warp: not a fix or config field"),
     ([1, 2], "stress: must be a mapping"),
 ])
 def test_stress_factors_validated_like_factors(stress, message):

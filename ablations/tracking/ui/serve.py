@@ -241,7 +241,9 @@ def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
     if launch is None:
         return None
     params = launch.data.params
-    factors = [(f, f in FIXES) for f in params.get("factors", "").split(",") if f]
+    # (a launch from before recipes logged no `fixes`: its fixes were the chorus CNN's)
+    fixes = set(params["fixes"].split(",")) if "fixes" in params else set(FIXES)
+    factors = [(f, f in fixes) for f in params.get("factors", "").split(",") if f]
     # (a launch from before `objective_metric` was logged has only "METRIC (direction)")
     objective = params.get("objective_metric") or (params.get("objective") or "").partition(" (")[0] or None
     names = [r.info.run_name or "" for r in client.search_runs(

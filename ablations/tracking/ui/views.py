@@ -57,9 +57,7 @@ def spec_layout(spec, run_names: list[str]) -> StudyLayout:
     """The layout of a study about to run, from its study file and its runs' names: the launch
     writes the views, so that the "Study runs" link in every run's description works before
     anyone starts `runner.py ui` (on a team server nobody may)."""
-    from ablations.design.fixes import FIXES
-
-    return StudyLayout([(f.name, f.name in FIXES) for f in spec.factors], spec.objective_metric,
+    return StudyLayout([(f.name, f.kind == "fix") for f in spec.factors], spec.objective_metric,
                        max(map(len, run_names), default=40))
 
 
