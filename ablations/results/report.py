@@ -535,6 +535,7 @@ def verdict_lines(rep: Report) -> list[str]:
     for r in rep.verdicts.itertuples():
         head = r.reason.split(". ")[0].split(": ", 1)[-1]
         out.append(f"  {r.fix:<15} {r.verdict:<12} {head[:240]}")
+        out += [f"  {'':<15} {'':<12} {d}" for d in getattr(r, "decisive", None) or []]
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
     if not rep.stability_effects.empty:
