@@ -38,7 +38,7 @@ from ablations.results import backgrounds, rates
 from ablations.design.fixes import FIXES, Fix
 from ablations.tracking import reads
 from ablations.tracking.reads import experiment_tags, load_crashed, study_stress  # noqa: F401
-from ablations.results.verdicts import ClaimEstimate
+from ablations.results.verdicts import ALPHA, ClaimEstimate
 from ablations.results.verdicts import judge
 
 OUTCOMES = {
@@ -371,7 +371,7 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
     the estimates of `claim_estimates` by the rule in `ablations.results.verdicts.RULE` (Holm across every
     test judged here). The F1 effect is shown next to it as context, not as evidence.
     """
-    columns = ["fix", "critical", "claim", "verdict", "evidence", "reason"]
+    columns = ["fix", "critical", "claim", "verdict", "evidence", "reason", "decisive"]
     if effects.empty:
         return pd.DataFrame(columns=columns)
     claims = claims if claims is not None else claim_estimates(
@@ -387,8 +387,11 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
         v = judged[name]
         ev = "; ".join(e.describe() for e in claims[name])
         sentence = f"{name} on vs off: {ev}; final F1 change {ctx or 'n/a'} (context)."
+        decisive = [f"{e.describe()}, Holm p {p:.3g}" for e, p in zip(claims[name], v.adjusted_p)
+                    if p is not None and p < ALPHA]  # the tests a verdict rests on
         rows.append({"fix": name, "critical": fixes[name].critical, "claim": fixes[name].claim,
-                     "verdict": v.verdict, "evidence": sentence, "reason": v.reason})
+                     "verdict": v.verdict, "evidence": sentence, "reason": v.reason,
+                     "decisive": decisive})
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -273,14 +273,14 @@ def test_run_keys_stable_and_distinct():
     runs1, runs2 = designs.runs(spec), designs.runs(load_spec(ROOT / "studies" / "quick.yaml"))
     keys = [r.run_key for r in runs1]
     assert keys == [r.run_key for r in runs2]
-    assert len(set(keys)) == len(keys) == 16  # distinct across seeds and cells
+    assert len(set(keys)) == len(keys) == 18  # distinct across seeds and cells (stress rungs too)
     assert all(len(k) == 12 and int(k, 16) >= 0 for k in keys)
     for r in runs1:
         assert r.run_key == config_key(r.config) == config_key(designs.resolve(spec, r.cell, r.seed))
     by_cell = {}
     for r in runs1:
         by_cell.setdefault(r.cell.cell_id, set()).add(r.run_key)
-    assert len(by_cell) == 8 and all(len(v) == 2 for v in by_cell.values())
+    assert len(by_cell) == 6 and all(len(v) == 3 for v in by_cell.values())
 
 
 def test_run_key_depends_only_on_the_resolved_config():

@@ -59,11 +59,24 @@ def test_shipped_study_loads(path):
 
 def test_shipped_study_sizes():
     by_name = {p.stem: load_spec(p) for p in SHIPPED}
-    assert len(designs.runs(by_name["quick"])) == 8 * 2
+    assert len(designs.runs(by_name["quick"])) == 2 * 3 * 3  # input_norm x 3 lr rungs x 3 seeds
     assert len(designs.runs(by_name["seed_fixes"])) == 64 * 3
     assert len(designs.runs(by_name["seed_fixes_fractional"])) == 16 * 3
     assert len(designs.runs(by_name["one_at_a_time"])) == (2 * 8 + 2) * 3
     assert by_name["lr_clip_search"].trials == 30
+
+
+def test_quick_is_a_stress_ladder_in_the_symptom_regime():
+    """The README's main job: one fix from the fixed recipe along an lr ladder, in the regime
+    where seed_symptom.yaml reproduces the seed's loss=nan (mel power features under fp16)."""
+    quick = load_spec(ROOT / "studies" / "quick.yaml")
+    assert [f.name for f in quick.design_factors] == ["input_norm"]
+    assert [(f.name, list(f.values)) for f in quick.stress_factors] == [("lr", [1e-3, 1e-2, 1e-1])]
+    assert quick.baseline == "fixed" and len(quick.seeds) == 3
+    configs = [r.config for r in designs.runs(quick)]
+    assert {(c.features, c.precision, c.epochs * c.steps_per_epoch) for c in configs} == {
+        ("power", "fp16", 20)}
+    assert {c.input_norm for c in configs} == {False, True}
 
 
 # ---------------------------------------------------------------------------- bad inputs

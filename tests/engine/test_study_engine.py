@@ -11,7 +11,6 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -27,7 +26,6 @@ from ablations.design.spec import load_spec
 from model.config import TrainConfig
 from model.train import train as real_train
 
-ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, STEPS_PER_EPOCH = 2, 3  # the tiny study's (tests/conftest.py)
 DIVERGE = "optimizer: sgd, lr: 1e6, grad_clip: null, nonfinite: stop"
 
@@ -42,16 +40,15 @@ def by_run_key(trials) -> dict:
     return out
 
 
-def test_the_tiny_study_is_quick_yaml_shrunk(tiny_study, tmp_path):
+def test_the_tiny_study(tiny_study, tmp_path):
     from ablations.design import designs
     from ablations.design.spec import load_spec
 
-    quick = load_spec(ROOT / "studies" / "quick.yaml")
     tiny = load_spec(tiny_study(tmp_path, "t"))
     assert (tiny.design, tiny.baseline, tiny.objective_metric) == (
-        quick.design, quick.baseline, quick.objective_metric)
-    assert [f.name for f in tiny.factors] == [f.name for f in quick.factors][:2]
-    assert len(designs.runs(tiny)) == 2 * 2 * len(quick.seeds)
+        "full_factorial", "fixed", "final_val_f1")
+    assert [f.name for f in tiny.factors] == ["bias_init", "plain_residual"]
+    assert not tiny.stress_factors and len(designs.runs(tiny)) == 2 * 2 * 2
     run = designs.runs(tiny)[0].config
     assert (run.epochs, run.steps_per_epoch, run.n_songs) == (EPOCHS, STEPS_PER_EPOCH, 4)
     mine = load_spec(tiny_study(tmp_path, "u", "factors: {lr: [1e-4, 3e-3]}\nseeds: [0]\n",

@@ -106,6 +106,10 @@ def test_verdicts_follow_the_evidence():
     assert v.loc["plain_residual", "verdict"] == "supported"
     assert v.loc["bias_init", "verdict"] == "inconclusive"
     assert "/24 vs" in v.loc["plain_residual", "evidence"]
+    # the tests a verdict rests on, with their intervals (what `run` prints under each verdict)
+    (decisive,) = v.loc["plain_residual", "decisive"]
+    assert decisive.startswith("divergence rate: 0/24 vs ") and "[95% CI " in decisive
+    assert v.loc["bias_init", "decisive"] == []
     assert "neither confirm nor contradict" in analysis.critical_agreement(v.reset_index())
     v = analysis.verdicts(analysis.main_effects(calm, FACTORS), calm).set_index("fix")
     assert set(v["verdict"]) == {"untested"}
