@@ -180,7 +180,11 @@ def section(runs: pd.DataFrame, factors: list[str], stress: list[str], out: Path
                   f"diverged or collapsed at and above the best rung of both recipes (`note`), "
                   f"paired by seed and rung (Newcombe). `lr_sensitivity`: over the rungs both "
                   f"recipes ran, paired by seed (t). `backgrounds`: do *added to broken* and "
-                  f"*dropped from fixed* agree.", "", to_markdown(e), ""]
+                  f"*dropped from fixed* agree."
+                  + (" `peak_<curve>` (the recipe's curve, e.g. the Transformer's largest "
+                     "attention logit): log10 of each run's peak with the fix on over off, "
+                     "averaged over the rungs both ran, paired by seed (t); -1 = ten times "
+                     "smaller." if stability.curve_peaks(runs) else ""), "", to_markdown(e), ""]
         hurt = stability.hurts(effects)
         lines += ["### Fixes that hurt stability somewhere", ""]
         lines += ([f"- {r.fix} ({r.background}, {r.regime}): {r.outcome} {r.shown}, n={r.n}"
