@@ -56,6 +56,10 @@ class LoopConfig:
     only; Wortsman et al. 2023 sec. 3.2.2, "independent weight decay", Loshchilov & Hutter's
     original form). In an lr sweep the coupled decay grows with the lr; the independent one does
     not."""
+    adam_beta2: float = 0.999
+    """Adam(W)'s second-moment decay. 0.999 is PyTorch's default; large-model recipes use 0.95
+    (Wortsman et al. 2023 train with 0.95): the second moment then forgets in ~20 steps, so the
+    update stays bounded when gradients grow fast."""
     adam_eps: float = 1e-8
     """Epsilon of adam/adamw (the update is m / (sqrt(v) + eps)). Stress knob of the update size:
     where gradients' RMS falls below eps the update shrinks towards plain SGD scaled by lr/eps,
@@ -135,6 +139,8 @@ class LoopConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name}: must be a finite number > 0, got {v!r}")
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise ConfigError(f"adam_beta2: must be in [0.0, 1.0), got {self.adam_beta2!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         if self.weight_decay_mode == "independent" and self.optimizer != "adamw":

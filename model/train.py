@@ -110,10 +110,11 @@ def build_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.
         # AdamW decays by lr_t x weight_decay; independent decay is weight_decay x lr_t / lr
         # (the schedule's factor, not the lr itself): the same call with weight_decay / lr.
         wd = cfg.weight_decay / cfg.lr if cfg.weight_decay_mode == "independent" else cfg.weight_decay
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, eps=cfg.adam_eps, fused=fused)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, eps=cfg.adam_eps,
+                                 betas=(0.9, cfg.adam_beta2), fused=fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                                fused=fused)
+                                betas=(0.9, cfg.adam_beta2), fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 

@@ -185,6 +185,21 @@ def test_model_imports_no_tracker():
                 f"{path.name} imports {n}"
 
 
+def test_recipes_live_in_model_and_know_no_tracker():
+    # every shipped recipe (model/recipe.py SHIPPED) is model code: it sits in model/ and, like
+    # the loop it plugs into, imports no tracker, no study machinery (checked above for model/),
+    # and the example of a user's own recipe imports only what a user has: model/, torch, numpy
+    from model.recipe import SHIPPED
+
+    for ref in SHIPPED.values():
+        module = ref.split(":")[0]
+        assert module.startswith("model."), ref
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), ref
+    example = ROOT / "examples" / "my_recipe.py"
+    assert {n.split(".")[0] for n in _names(ast.parse(example.read_text()))} <= {
+        "dataclasses", "numpy", "torch", "model"}
+
+
 def test_the_tests_mirror_the_folders():
     # a test file sits in tests/<folder>/ when it tests one folder's code: every folder has its
     # own, and no test folder is left without code to test

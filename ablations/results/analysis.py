@@ -29,17 +29,19 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ablations.results import backgrounds, rates
 from ablations.design.fixes import FIXES, Fix
+from ablations.results import backgrounds, rates
+from ablations.results.verdicts import ALPHA, ClaimEstimate, judge
 from ablations.tracking import reads
 from ablations.tracking.reads import experiment_tags, load_crashed, study_stress  # noqa: F401
-from ablations.results.verdicts import ALPHA, ClaimEstimate
-from ablations.results.verdicts import judge
+from model.config import ConfigError
+from model.recipe import Recipe, load as load_recipe
 
 OUTCOMES = {
     # name: (column, better, description)
@@ -76,6 +78,19 @@ def plan_cells(spec_path: str) -> Optional[list[tuple[str, int]]]:
     if spec.design == "search":
         return None
     return [(r.cell.label(spec.factors), r.seed) for r in designs.runs(spec)]
+
+
+def study_recipe(tags: Mapping[str, str]) -> Optional[Recipe]:
+    """The recipe a study ran (experiment tag `study.recipe`, written at launch; a file path is
+    relative to the study file, `study.source`); None for a study from before recipes (the
+    chorus CNN) or a recipe that cannot be loaded here."""
+    ref = tags.get("study.recipe")
+    if not ref:
+        return None
+    try:
+        return load_recipe(ref, Path(tags.get("study.source", ".")).parent)
+    except ConfigError:
+        return None
 
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:

@@ -63,7 +63,8 @@ def infer_design(runs: pd.DataFrame, factors: list[str]) -> str:
 
 
 def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = "",
-            factors: Optional[list[str]] = None, fixes: Mapping[str, Fix] = FIXES) -> Report:
+            factors: Optional[list[str]] = None,
+            fixes: Optional[Mapping[str, Fix]] = None) -> Report:
     """Effects, verdicts and tables for the study's design.
 
     Factorial designs: the design's OLS model (ablations.results.effects) for continuous outcomes and
@@ -75,6 +76,9 @@ def analyse(study: str, tracking_uri: Optional[str], plan=None, design: str = ""
         raise LookupError(f"study {study!r} has no finished runs in {tracking_uri}")
     factors = factors or analysis.factor_names(runs)
     tags = analysis.experiment_tags(study, tracking_uri)
+    if fixes is None:  # the claims judged are the fixes of the recipe the study ran
+        recipe = analysis.study_recipe(tags)
+        fixes = recipe.fix_map if recipe is not None else FIXES
     design = design or tags.get("study.design") or infer_design(runs, factors)
     stress = [s for s in tags.get("study.stress", "").split(",") if s]
     empty = pd.DataFrame()
@@ -122,6 +126,7 @@ def write_report(study: str, tracking_uri: Optional[str], out_dir: Path, plan=No
     """Analyse the study, draw the figures, write report.md into out_dir. `recipe`: the study's
     (its fixes are the claims judged, its curves drawn); default the chorus CNN."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe or analysis.study_recipe(analysis.experiment_tags(study, tracking_uri))
     fixes = recipe.fix_map if recipe is not None else FIXES
     rep = analyse(study, tracking_uri, plan, design, fixes=fixes)
     runs = rep.runs

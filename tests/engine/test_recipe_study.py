@@ -71,3 +71,37 @@ def test_a_transformer_study_runs_logs_its_curve_and_is_reported(study):
     md = (out_dir / "report.md").read_text()
     assert "peak_attn_logit" in md and "bias_init" not in md
     assert "curves" in rep.figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["ablation_report.ipynb", "curves.ipynb", "stability.ipynb"])
+def test_the_notebooks_read_a_transformer_study(study, notebook, monkeypatch):
+    """The committed notebooks run top to bottom on the second recipe's study too; the report
+    they build judges its fixes (the recipe is read back from the experiment's tags)."""
+    from pathlib import Path
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    st, spec, *_ = study
+    nb = nbformat.read(Path(__file__).resolve().parents[2] / "notebooks" / notebook, as_version=4)
+    monkeypatch.setenv("CHORUS_STUDY", spec.name)
+    monkeypatch.setenv("CHORUS_TRACKING_URI", st.tracking)
+    monkeypatch.setenv("CHORUS_STUDY_FILE", str(spec.source))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(st.dir)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    if notebook == "ablation_report.ipynb":
+        text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                       for c in nb.cells for o in c.get("outputs", []))
+        assert "qk_layernorm" in text
+
+
+def test_the_recipe_is_read_back_from_the_experiment_tags(tmp_path):
+    from ablations.results.analysis import study_recipe
+
+    assert study_recipe({}) is None  # a study from before recipes: the chorus CNN's fixes
+    assert study_recipe({"study.recipe": "chorus_transformer"}).name == "chorus_transformer"
+    assert study_recipe({"study.recipe": "gone.py:RECIPE",
+                         "study.source": str(tmp_path / "s.yaml")}) is None
