@@ -70,7 +70,7 @@ def test_report_has_the_stability_section(stress_study):
 def _key_before_upgrade(cfg) -> str:
     """What a version without the stress fields computed: the hash of every field it knew."""
     new = {"precision", "features", "feature_scale", "adam_eps", "warmup_steps", "lr_schedule",
-           "weight_decay_mode"}
+           "weight_decay_mode", "adam_beta2"}
     d = {k: v for k, v in cfg.to_dict().items() if k not in new}
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
                           ).hexdigest()[:12]
