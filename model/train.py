@@ -3,9 +3,10 @@ shared loop every recipe gets (model/recipe.py); the recipe gives its model, dat
 
 `log(metrics, step)` is the only way out; the default does nothing, so tests and benchmarks need
 no tracking server. Every step logs train/loss, train/grad_norm (pre-clip total norm),
-train/lr and train/chorus_pct (and the recipe's curves, e.g. train/attn_logit); every epoch val/loss, val/chorus_f1, val/chorus_pct, val/accuracy;
-and at the steps where they change the counts nonfinite/events, nonfinite/skipped_steps and
-nonfinite/spikes (never logged in a run without events).
+train/lr and train/chorus_pct (and the recipe's curves, e.g. train/attn_logit); every epoch
+val/loss, val/chorus_f1, val/chorus_pct, val/accuracy; and at the steps where they change the
+counts nonfinite/events, nonfinite/skipped_steps and nonfinite/spikes (never logged in a run
+without events).
 
 Non-finite checks cost nothing extra: the loss and the total grad norm are computed anyway (the
 norm for clipping and logging), and both are read in the same single device sync that logging
