@@ -334,7 +334,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         n = join_and_work(spec, args.storage, args.tracking_uri, device=_device(args.device),
                           threads=args.threads or threads_per_worker(args.local_workers),
-                          wait=not args.no_wait, ensemble=args.ensemble)
+                          fit_threads=args.threads is None, wait=not args.no_wait,
+                          ensemble=args.ensemble)
     except StoreError as e:
         raise _BadInput(str(e)) from None
     except KeyboardInterrupt:
@@ -423,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None,
                    help="run every run here on this device (cpu, cuda, cuda:N); default: the study's")
     w.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: this machine's cores / --local-workers)")
+                   help="torch threads, pinned (default: this machine's cores / --local-workers, "
+                        "lowered before each run to the cores other processes leave free)")
     w.add_argument("--local-workers", type=int, default=1, metavar="N",
                    help="how many workers you start on this machine, to split its cores (default 1)")
     w.add_argument("--no-wait", action="store_true",

@@ -22,6 +22,9 @@ class WorkerContext:
     parent_run_id: Optional[str]
     deadline: Optional[float] = None  # time.time() after which no new run starts
     threads: Optional[int] = None  # torch threads (workers on one machine split the cores)
+    # Before each run, lower the threads to the cores other processes leave free (at most
+    # `threads`); False pins `threads` (runner.py worker --threads N). ablations/engine/torch_setup.py
+    fit_threads: bool = True
     device: Optional[str] = None  # overrides every run's `device` (e.g. cuda:1), not its identity
     wait: bool = True  # with nothing queued, wait for runs in flight elsewhere (re-run if lost)
     announce_wait: bool = True  # say so (not for local workers: siblings finishing is normal)

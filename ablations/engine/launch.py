@@ -93,7 +93,8 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
 
     deadline = time.time() + spec.minutes * 60 if spec.minutes else None
     ctx = WorkerContext(spec, storage_url, tracking_uri, parent, deadline,
-                        threads=threads or threads_per_worker(workers), device=device,
+                        threads=threads or threads_per_worker(workers),
+                        fit_threads=threads is None, device=device,
                         announce_wait=False, ensemble=ensemble)
     progress = Progress(plan.total, len(state.done), out)
     interrupted = False
@@ -169,7 +170,8 @@ def _write_views(tracker, spec: StudySpec, plan) -> None:
 
 
 def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[str] = None,
-         threads: Optional[int] = None, wait: bool = True, ensemble: str = "auto") -> WorkerContext:
+         threads: Optional[int] = None, wait: bool = True, ensemble: str = "auto",
+         fit_threads: bool = True) -> WorkerContext:
     """A worker joining a launched study (any machine): every store is checked before training,
     and its runs are nested under the study's latest launch in the MLflow UI."""
     from ablations.tracking.tracker import StudyTracker
@@ -182,21 +184,24 @@ def join(spec: StudySpec, storage_url: str, tracking_uri: str, device: Optional[
     launch_run = tracker.latest_launch()
     return WorkerContext(spec, storage_url, tracking_uri,
                          parent_run_id=launch_run.info.run_id if launch_run else None,
-                         threads=threads, device=device, wait=wait, ensemble=ensemble)
+                         threads=threads, fit_threads=fit_threads, device=device, wait=wait,
+                         ensemble=ensemble)
 
 
 
 def join_and_work(spec: StudySpec, storage_url: str, tracking_uri: str,
                   device: Optional[str] = None, threads: Optional[int] = None, wait: bool = True,
-                  ensemble: str = "auto") -> int:
+                  ensemble: str = "auto", fit_threads: bool = True) -> int:
     """`runner.py worker`: join the study, say where it stands, then work it until no run is left;
     the progress line counts the study's finished runs wherever they ran. Returns the runs
     executed here."""
     ctx = join(spec, storage_url, tracking_uri, device=device, threads=threads, wait=wait,
-               ensemble=ensemble)
+               ensemble=ensemble, fit_threads=fit_threads)
     st = study_status(spec, storage_url)
     print(f"worker on study {spec.name}: {st['done']}/{st['total']} done, {st['queued']} "
-          f"queued, {st['running']} running elsewhere; {ctx.threads} thread(s)"
+          f"queued, {st['running']} running elsewhere; "
+          + (f"{ctx.threads} thread(s)" if not ctx.fit_threads
+             else f"up to {ctx.threads} thread(s), fewer while other processes use the cores")
           + (f", device {ctx.device}" if ctx.device else ""), flush=True)
     study = load_study(spec, open_storage(storage_url))
     plan = plan_of(spec)
@@ -237,7 +242,7 @@ def _run_processes(ctx: WorkerContext, workers: int, study: optuna.Study,
     storage, study_id = handles(study)
     seen = set(finished_trial_ids(storage, study_id))
     lock, stop = threading.Lock(), threading.Event()
-    with child_env():  # their OpenMP threads sleep when idle (ablations/engine/torch_setup.py)
+    with child_env():  # their OpenMP threads spin only briefly (ablations/engine/torch_setup.py)
         for p in procs:
             p.start()
 

@@ -67,9 +67,14 @@ def _start_child(ctx: WorkerContext, tracker: StudyTracker, trial: optuna.Trial,
     spec = ctx.spec
     if ctx.device:  # where it runs is not what it is: the run key was made from the study's config
         cfg = dataclasses.replace(cfg, device=ctx.device)
+    # How many CPU threads it trained with: the floats' last digits depend on it, its identity
+    # does not (ablations/engine/torch_setup.py).
+    import torch
+
+    threads = {"threads": str(torch.get_num_threads())}
     child = tracker.start_child(ctx.parent_run_id, run_name(spec, cell, seed), cfg, tags=run_tags(
         spec, cell, seed, run_key, trial.number, WORKER_ID, trial.user_attrs.get("attempt", 1))
-        | (extra_tags or {}))
+        | threads | (extra_tags or {}))
     trial.set_user_attr(run_id_attr, child.run_id)
     return cfg, child
 

@@ -64,7 +64,9 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
     """
     from ablations.tracking.tracker import StudyTracker
 
-    if ctx.threads:
+    from ablations.engine.torch_setup import fit_threads
+
+    if ctx.threads and not ctx.fit_threads:
         import torch
 
         torch.set_num_threads(ctx.threads)
@@ -95,6 +97,8 @@ def work(ctx: WorkerContext, on_done: Callable[[dict[str, Any]], None] | None = 
                 time.sleep(min(heartbeat_s(), 5))
                 continue
             waiting_since = None
+            if ctx.threads and ctx.fit_threads:  # (the free cores, measured over the last run)
+                fit_threads(ctx.threads)
             if not plan.search and (size := trials.ensemble_size(ctx, trial)) > 1:
                 group += queue.claim_siblings(study, plan, trial, size - 1)
             with Heartbeat(storage, [trial_id_of(t) for t in group]):

@@ -407,6 +407,14 @@ def test_run_with_no_workers_only_queues(tiny_study, tmp_path):
     line = one_line_error(runner(tmp_path, "worker", "cli.yaml", "--tracking-uri", "sqlite:///other.db"))
     assert "--tracking-uri sqlite:///other.db: no such MLflow store" in line
     assert not (tmp_path / "other.db").exists()
+    # --threads pins the count (bit-for-bit repeats); each run says what it trained with
+    w = runner(tmp_path, "worker", "cli.yaml", "--threads", "1", "--no-wait")
+    assert w.returncode == 0, w.stderr
+    assert "2 queued, 0 running elsewhere; 1 thread(s)" in w.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("cli")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'run'")
+    assert len(runs) == 2 and {r.data.tags["threads"] for r in runs} == {"1"}
 
 
 # ---------------------------------------------------------------------------- PostgreSQL

@@ -127,6 +127,7 @@ def test_grid_mlflow_parent_and_children(grid):
         assert tags["cell_id"] == t.user_attrs["cell_id"]
         assert tags["run_key"] == t.user_attrs["run_key"]
         assert tags["optuna_trial"] == str(t.number)
+        assert tags["threads"] == "1"  # what it trained with (this module pins one thread)
         assert tags["status"] == t.user_attrs["status"]
         assert c.info.status == "FINISHED"
         assert float(c.data.params["lr"]) == json.loads(t.user_attrs["config"])["lr"]
