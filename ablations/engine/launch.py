@@ -147,12 +147,31 @@ def write_dashboard_note(study, spec: StudySpec) -> None:
     if note is None or importlib.util.find_spec("optuna_dashboard") is None:
         return
     try:
-        import optuna_dashboard
-
-        if optuna_dashboard.get_note(study) != note:
-            optuna_dashboard.save_note(study, note)
+        notes = _dashboard_notes()
+        if notes.get_note(study) != note:
+            notes.save_note(study, note)
     except Exception as e:  # noqa: BLE001 - a note is not worth failing a launch for
         print(f"warning: optuna-dashboard note not written ({e})", file=sys.stderr)
+
+
+def _dashboard_notes():
+    """optuna-dashboard's own note functions (optuna_dashboard/_note.py, which imports only
+    optuna), loaded without the package: its __init__ imports the web app and, through its
+    importance module, scikit-learn, 0.86 s of the main job's 31 s (benchmarks/main_job.py).
+    Falls back to the package where the file is not there."""
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("optuna_dashboard")  # (finds it without running it)
+    path = Path(next(iter(found.submodule_search_locations or []), "")) / "_note.py"
+    spec = importlib.util.spec_from_file_location("_chorus_optuna_dashboard_note", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        import optuna_dashboard
+
+        return optuna_dashboard
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _write_views(tracker, spec: StudySpec, plan) -> None:

@@ -28,6 +28,7 @@ from ablations.design.designs import Cell
 from ablations.engine.queue import WORKER_ID, requeue, tell_failed
 from ablations.design.spec import StudySpec
 from ablations.engine.context import WorkerContext
+from ablations.engine.storage import set_user_attrs
 from ablations.tracking.retry import StoreUnavailable, describe_error, is_outage
 from model.config import TrainConfig
 
@@ -174,8 +175,7 @@ def _complete(ctx: WorkerContext, study: optuna.Study, tracker: StudyTracker, tr
                "first_nonfinite_step": res.first_nonfinite_step,
                "first_nonfinite_where": res.first_nonfinite_where,
                **{f"outcome.{k}": v for k, v in res.outcome().items()}}
-    for k, v in outcome.items():
-        trial.set_user_attr(k, v)
+    set_user_attrs(trial, outcome)
     attrs.update(outcome)
     # MLflow FINISHED first, then the trial COMPLETE: a run that is COMPLETE in Optuna is always
     # counted in MLflow. If the tell fails, the MLflow run is un-finished again (below) or, if
@@ -308,8 +308,7 @@ def run_search_trial(ctx: WorkerContext, study: optuna.Study, tracker: StudyTrac
     outcome = {"status": status, "statuses": ",".join(statuses), "objective": value,
                "seed_values": values, "wall_time_s": wall,
                "diverged_runs": statuses.count("diverged")}
-    for k, v in outcome.items():
-        trial.set_user_attr(k, v)
+    set_user_attrs(trial, outcome)
     study.tell(trial, value)
     attrs.update(outcome)
     return attrs
