@@ -84,7 +84,7 @@ def test_a_study_of_a_recipe_from_outside_the_package(folder):
     r = runs[0]
     assert r.data.tags["recipe"] == "tiny_mlp" and r.data.params["hidden"] == "32"
     assert {r.data.tags["fix.small_init"] for r in runs} == {"on", "off"}
-    assert "train/loss" in r.data.metrics and "outcome/final_val_f1" in r.data.metrics
+    assert "train/loss" in r.data.metrics and "outcome.final_val_f1" in r.data.metrics
     # resumable like any study: run again, nothing is trained twice
     p = runner(folder, "run", "own.yaml", "--storage", storage, "--tracking-uri", tracking)
     assert p.returncode == 0, p.stderr

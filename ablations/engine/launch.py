@@ -114,6 +114,8 @@ def launch(spec: StudySpec, storage_url: str = DEFAULT_STORAGE,
 
     # Runs that crashed past their retries, and the summary, from the store itself.
     end = plan_state(study, plan)
+    if not interrupted:  # the views again, now that the runs' outcomes are known
+        _write_views(tracker, spec, plan)
     done, gave_up, total = len(end.done), len(end.gave_up), plan.total
     summary = summarize(study, plan)
     tracker.end_launch(parent, "KILLED" if interrupted else
@@ -176,12 +178,16 @@ def _dashboard_notes():
 
 def _write_views(tracker, spec: StudySpec, plan) -> None:
     """The study's saved views (ablations/tracking/ui/views.py), which run descriptions link
-    to; best effort: browsing works without them, and `runner.py ui` writes them too."""
+    to; best effort: browsing works without them, and `runner.py ui` writes them too. Written
+    before the runs (the links work from the first run on) and again after them: once every run
+    is counted, the outcomes that are the same in all of them are not drawn (views.from_store)."""
     from ablations.tracking.ui import views
     from ablations.tracking.tracker import run_name
 
     try:
         layout = views.spec_layout(spec, [run_name(spec, r.cell, r.seed) for r in plan])
+        runs = plan.total * (len(spec.seeds) if plan.search else 1)  # (a trial: every seed)
+        layout = views.from_store(layout, tracker.client, tracker.experiment_id, runs)
         views.write_views(tracker.client, tracker.client.get_experiment(tracker.experiment_id),
                           layout)
     except Exception as e:  # noqa: BLE001

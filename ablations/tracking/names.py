@@ -1,12 +1,14 @@
 """Names on the MLflow store that the tracker writes and the UI reads: the experiment kind, where
-the report lands, the UI's routes (an artifact, the study's runs view, a cell's seeds), the
-latest launch run, Markdown escaping for descriptions. Imports nothing of the project, so the UI
-(ablations.tracking.ui) and the tracker share them without the tracker importing the UI."""
+the report lands, the outcome metrics' prefix, the UI's routes (an artifact, the study's runs
+view, a cell's seeds), the latest launch run, Markdown escaping for descriptions. Imports nothing
+of the project, so the UI (ablations.tracking.ui) and the tracker share them without the tracker
+importing the UI."""
 
 from __future__ import annotations
 
 import re
 import urllib.parse
+from typing import Mapping, Optional
 
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: "custom_model_development" = model training
 TRAINING_KIND = "custom_model_development"
@@ -16,6 +18,35 @@ REPORT_PATH = "report/report.html"
 LAYOUT_QUERY = "workflowType=machine_learning"
 RUNS_KEY, ALL_KEY = "chorus-study-runs", "chorus-all-attempts"  # the saved views' share keys
 COUNTED = "tags.kind = 'run' and attributes.status = 'FINISHED'"  # what the analysis counts
+# A run's exact single-value outcomes are logged as `outcome.<name>`. A dot, not a slash: MLflow
+# 3.17's run page makes a chart section of the prefix before a key's last "/", sorts the named
+# sections alphabetically and puts the unprefixed "Model metrics" last, so `outcome/<name>` put
+# ~25 bars before the `train/` and `val/` curves; `outcome.<name>` lands in "Model metrics",
+# after every curve. Stores written before hold `outcome/<name>` (a resumed study holds both):
+# readers accept every prefix here, the first one winning when a run has both.
+OUTCOME_PREFIX, OLD_OUTCOME_PREFIX = "outcome.", "outcome/"
+OUTCOME_PREFIXES = (OUTCOME_PREFIX, OLD_OUTCOME_PREFIX)
+
+
+def outcome_key(name: str) -> str:
+    """The metric key a run's outcome `name` is logged under."""
+    return OUTCOME_PREFIX + name
+
+
+def outcome_name(key: str) -> Optional[str]:
+    """The outcome's name of a metric key written under any prefix (new or old), else None."""
+    for prefix in OUTCOME_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def outcomes(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's outcomes by name, from its metrics under either prefix (the current one wins)."""
+    out: dict[str, float] = {}
+    for prefix in reversed(OUTCOME_PREFIXES):  # the current prefix last: it overwrites
+        out.update({k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)})
+    return out
 
 
 def artifact_url(experiment_id: str, run_id: str, path: str) -> str:

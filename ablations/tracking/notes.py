@@ -62,7 +62,7 @@ def run_note(spec: StudySpec, cell: Cell, seed: int, cfg: TrainConfig, res: Trai
                  f"{', '.join(by['on']) or 'none'}; off: {', '.join(by['off']) or 'none'}"
                  + (f"; neither: {', '.join(by['other'])}" if by["other"] else "") + ".")
     lines.append("Every step, NaN included: `curves.csv` (Artifacts). Metrics without a prefix "
-                 "are rounded for the table (a diverged run's F1 counts 0); `outcome/*` holds "
+                 "are rounded for the table (a diverged run's F1 counts 0); `outcome.*` holds "
                  "the exact values.")
     return "\n\n".join(lines)
 

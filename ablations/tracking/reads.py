@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ablations.design import identity
+from ablations.tracking.names import outcomes
 
 # One artifact download per run: MLflow's per-download progress bars would flood notebooks.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -59,8 +60,8 @@ def finished_runs(study: str, tracking_uri: Optional[str] = None,
     latest counts.
 
     Columns: run_id, run_key, cell, cell_id, seed, status, roles, first_nonfinite_where,
-    start_time, one column per factor (bool for fixes), and the `outcome/` metrics without the
-    prefix.
+    start_time, one column per factor (bool for fixes), and the outcome metrics without their
+    prefix (`outcome.`, or `outcome/` in a store written before: names.outcomes).
     """
     client = _client(tracking_uri)
     exp_id = _experiment_id(client, study)
@@ -79,9 +80,7 @@ def finished_runs(study: str, tracking_uri: Optional[str] = None,
                    "first_nonfinite_where": t.get("first_nonfinite_where", ""),
                    "start_time": r.info.start_time}
             row.update(identity.values_of(t))  # the factor values, typed
-            for k, v in m.items():
-                if k.startswith("outcome/"):
-                    row[k[len("outcome/"):]] = v
+            row.update(outcomes(m))
             rows.append(row)
         token = page.token
         if not token:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from ablations.tracking.names import OUTCOME_PREFIXES, outcomes
+
 
 @dataclass
 class StoredRun:
@@ -60,6 +62,10 @@ def _read_sqlite(path: str, limit: int) -> list[StoredRun]:
             "WHERE t.key = 'kind' AND t.value = 'run' AND r.status = 'FINISHED' "
             "AND r.lifecycle_stage = 'active' ORDER BY r.start_time DESC LIMIT ?", (limit,))]
         out = {i: StoredRun({}, "", {}, 0) for i in ids}
+        # the outcome metrics under every prefix a store may hold (names.OUTCOME_PREFIXES); LIKE's
+        # wildcards are `%` and `_`, neither of which a prefix contains
+        patterns = [p + "%" for p in OUTCOME_PREFIXES]
+        likes = " OR ".join("key LIKE ?" for _ in patterns)
         for chunk in range(0, len(ids), 500):
             part = ids[chunk:chunk + 500]
             q = ",".join("?" * len(part))
@@ -67,8 +73,11 @@ def _read_sqlite(path: str, limit: int) -> list[StoredRun]:
                 out[rid].params[k] = v
             for rid, v in con.execute(f"SELECT run_uuid, value FROM tags WHERE key = 'status' AND run_uuid IN ({q})", part):
                 out[rid].status = v
-            for rid, k, v in con.execute(f"SELECT run_uuid, key, value FROM latest_metrics WHERE key LIKE 'outcome/%' AND run_uuid IN ({q})", part):
-                out[rid].metrics[k[len("outcome/"):]] = float(v)
+            raw: dict[str, dict[str, float]] = {i: {} for i in part}
+            for rid, k, v in con.execute(f"SELECT run_uuid, key, value FROM latest_metrics WHERE ({likes}) AND run_uuid IN ({q})", [*patterns, *part]):
+                raw[rid][k] = float(v)
+            for rid, m in raw.items():
+                out[rid].metrics.update(outcomes(m))
             for rid, t in con.execute(f"SELECT run_uuid, start_time FROM runs WHERE run_uuid IN ({q})", part):
                 out[rid].start_time = int(t or 0)
     except sqlite3.DatabaseError:
@@ -88,6 +97,5 @@ def _read_mlflow(tracking_uri: str, limit: int) -> list[StoredRun]:
     runs = client.search_runs(exps, "tags.kind = 'run' and attributes.status = 'FINISHED'",
                               max_results=min(limit, 5000), order_by=["attributes.start_time DESC"])
     return [StoredRun(dict(r.data.params), r.data.tags.get("status", ""),
-                      {k[len("outcome/"):]: v for k, v in r.data.metrics.items()
-                       if k.startswith("outcome/")}, r.info.start_time)
+                      outcomes(r.data.metrics), r.info.start_time)
             for r in runs if r.data.tags.get("status")]

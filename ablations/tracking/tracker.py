@@ -18,8 +18,9 @@ How a study reads in the MLflow UI (ablations/tracking/ui/views.py has the saved
     bar chart (grouped by a fix: one bar per group), a later step as a one-dot line chart;
   * the headline metrics `final_val_f1` (a diverged run counts 0, as the analysis counts it) and
     `diverged` (0/1: its mean over a group is the divergence rate) are rounded to 3 significant
-    digits for the runs table (MLflow shows 16 decimals); `outcome/*` keeps full precision and is
-    what `ablations.results.analysis` reads; the study's objective gets a headline metric of its own when
+    digits for the runs table (MLflow shows 16 decimals); `outcome.*` keeps full precision and is
+    what `ablations.results.analysis` reads (a dot, not a slash: a run page's curve sections then
+    come first, see names.OUTCOME_PREFIX); the study's objective gets a headline metric of its own when
     it is another metric;
   * fixes are tags (filter, group by) and params (the compare page's parallel coordinates);
   * no empty tag is written; `result.json` is strict JSON (null where a value is NaN).
@@ -47,7 +48,7 @@ from mlflow.tracking import MlflowClient
 
 from ablations.design import identity
 from ablations.tracking.names import (KIND_TAG, REPORT_PATH, TRAINING_KIND, artifact_url,
-                                      latest_launch)
+                                      latest_launch, outcome_key)
 from ablations.tracking.notes import fix_states, launch_note, report_note
 from ablations.tracking.retry import describe_error, tracking_retry_budget_s, tracking_transient, with_retry
 from model.config import TrainConfig
@@ -386,7 +387,7 @@ class ChildRun:
         """
         self.flush()
         ts = _now_ms()
-        outcome = [Metric(f"outcome/{k}", v, ts, 0) for k, v in result.outcome().items()
+        outcome = [Metric(outcome_key(k), v, ts, 0) for k, v in result.outcome().items()
                    if math.isfinite(v)]
         outcome += [Metric(k, v, ts, 0) for k, v in headline_metrics(spec, result).items()]
         first = result.first_nonfinite_step

@@ -59,10 +59,10 @@ def test_a_transformer_study_runs_logs_its_curve_and_is_reported(study):
     assert {r.data.tags["recipe"] for r in runs} == {"chorus_transformer"}
     assert {r.data.tags["fix.qk_layernorm"] for r in runs} == {"on", "off"}
     r = runs[0]
-    assert "train/attn_logit" in r.data.metrics and "outcome/peak_attn_logit" in r.data.metrics
+    assert "train/attn_logit" in r.data.metrics and "outcome.peak_attn_logit" in r.data.metrics
     assert r.data.params["d_model"] == "16"
     history = st.client.get_metric_history(r.info.run_id, "train/attn_logit")
-    assert len(history) == r.data.metrics["outcome/steps"] > 0
+    assert len(history) == r.data.metrics["outcome.steps"] > 0
     # the report judges the Transformer's claims with its curve among the stability outcomes
     assert set(rep.verdicts.fix) <= {"qk_layernorm", "z_loss"} and len(rep.verdicts)
     eff = rep.stability_effects

@@ -98,7 +98,7 @@ def assert_each_run_once(storage: str, tracking: str) -> list:
     assert len({r.data.tags["run_key"] for r in finished}) == N_RUNS
     assert {r.info.run_id for r in finished} == {t.user_attrs["mlflow_run_id"] for t in complete}
     for r in finished:  # no run is counted with partial curves
-        steps = int(r.data.metrics["outcome/steps"])
+        steps = int(r.data.metrics["outcome.steps"])
         assert len(client.get_metric_history(r.info.run_id, "train/loss")) == steps
     assert len(analysis.load_runs("s24", tracking)) == N_RUNS
     return runs

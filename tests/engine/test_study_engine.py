@@ -149,19 +149,19 @@ def test_grid_metric_histories(grid):
         f1 = client.get_metric_history(rid, "val/chorus_f1")
         assert sorted(m.step for m in f1) == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
         m = c.data.metrics
-        assert m["outcome/steps"] == EPOCHS * STEPS_PER_EPOCH and m["outcome/epochs"] == EPOCHS
-        assert "outcome/final_val_f1" in m and "outcome/max_grad_norm" in m
-        assert m["outcome/final_val_f1"] == pytest.approx(max(f1, key=lambda x: x.step).value)
+        assert m["outcome.steps"] == EPOCHS * STEPS_PER_EPOCH and m["outcome.epochs"] == EPOCHS
+        assert "outcome.final_val_f1" in m and "outcome.max_grad_norm" in m
+        assert m["outcome.final_val_f1"] == pytest.approx(max(f1, key=lambda x: x.step).value)
         # single values at step 0 (MLflow draws them as bars), the headline one rounded
-        assert [h.step for h in client.get_metric_history(rid, "outcome/final_val_f1")] == [0]
-        assert m["final_val_f1"] == float(f"{m['outcome/final_val_f1']:.3g}")
+        assert [h.step for h in client.get_metric_history(rid, "outcome.final_val_f1")] == [0]
+        assert m["final_val_f1"] == float(f"{m['outcome.final_val_f1']:.3g}")
         assert m["diverged"] == 0.0
 
 
 def test_grid_objective_is_the_logged_outcome(grid):
     metrics = {c.info.run_id: c.data.metrics for c in grid.children}
     for t in grid.trials:
-        assert t.value == pytest.approx(metrics[t.user_attrs["mlflow_run_id"]]["outcome/final_val_f1"])
+        assert t.value == pytest.approx(metrics[t.user_attrs["mlflow_run_id"]]["outcome.final_val_f1"])
 
 
 def test_grid_artifacts(grid):
@@ -383,7 +383,7 @@ def test_a_diverged_run_is_a_result_not_a_crash(tiny_study, counting_train, stor
         for key in child.data.metrics:  # no metric anywhere holds a NaN/inf
             assert all(math.isfinite(m.value) for m in stores.client.get_metric_history(rid, key)), key
         assert "nonfinite/events" in child.data.metrics
-        assert "outcome/final_val_f1" not in child.data.metrics  # NaN: not written
+        assert "outcome.final_val_f1" not in child.data.metrics  # NaN: not written
         rows = list(csv.DictReader(io.StringIO(stores.text(rid, "curves.csv"))))
         bad = [row for row in rows if not math.isfinite(float(row["value"]))]
         assert bad and any(row["value"] == "nan" for row in bad)

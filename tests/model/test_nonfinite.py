@@ -600,7 +600,7 @@ def test_mlflow_events_table_curves_and_tags(tmp_path, monkeypatch, batches):
     assert history("nonfinite/skipped_steps") == [(3, 1.0)]
     assert history("grad/spike_warnings") == [(9, 1.0)]  # (renamed: finite)
     assert history("train/lr") == []  # constant: not charted
-    assert run.data.metrics["outcome/spikes"] == 1.0 and run.data.metrics["outcome/events_loss"] == 1.0
+    assert run.data.metrics["outcome.spikes"] == 1.0 and run.data.metrics["outcome.events_loss"] == 1.0
     path = client.download_artifacts(child.run_id, "nonfinite_events.csv", str(tmp_path))
     with open(path) as fh:
         rows = list(csv.DictReader(fh))

@@ -103,7 +103,16 @@ def test_views_are_written_when_absent_or_ours_and_unedited():
     old = json.dumps({"name": "Study runs", "createdAt": 1, "updatedAt": 1, "state": "x"})
     edited = json.dumps({"name": "Study runs", "createdAt": 1, "updatedAt": 2, "state": "x"})
     current = client.written[key]
-    for tag, rewritten in ((old, True), (edited, False), (current, False)):
+    # ours, unedited, of this version but another state (the study has finished since: its
+    # constant outcomes are left out of the charts): rewritten; a newer version's: left alone
+    finished = views.StudyLayout(LAYOUT.factors, LAYOUT.objective, LAYOUT.longest_name,
+                                 runs=8, constant={"diverged": 0.0})
+    by = views.factor_key("input_norm")
+    assert views.views(finished)[by][1] != views.views(LAYOUT)[by][1]
+    stale = {**json.loads(current), "state": views.deflate(views.views(finished)[by][1])}
+    newer = {**json.loads(current), "chorusVersion": views.VIEW_VERSION + 1, "state": "x"}
+    for tag, rewritten in ((old, True), (edited, False), (current, False),
+                           (json.dumps(stale), True), (json.dumps(newer), False)):
         client = _Client()
         views.write_views(client, _Exp({key: tag}), LAYOUT)
         assert (key in client.written) == rewritten, tag

@@ -27,6 +27,7 @@ exist or a server that does not come up is one line on stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -234,7 +235,8 @@ def _check_exists(uri: str, flag: str, hint: str) -> None:
 
 def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
     """Factors and objective from the study's latest launch run, the longest child run name from
-    its runs; None before any launch."""
+    its runs, the outcome prefixes and constant outcomes from its counted runs (views.from_store:
+    constants once the launch's `runs_total` are counted); None before any launch."""
     from ablations.design.fixes import FIXES
 
     launch = views.latest_launch(client, experiment_id)
@@ -248,7 +250,10 @@ def study_layout(client, experiment_id: str) -> Optional[views.StudyLayout]:
     objective = params.get("objective_metric") or (params.get("objective") or "").partition(" (")[0] or None
     names = [r.info.run_name or "" for r in client.search_runs(
         [experiment_id], "tags.kind = 'run'", max_results=1000)]
-    return views.StudyLayout(factors, objective, max(map(len, names), default=40))
+    total = params.get("runs_total", "")  # trials, for a search: each trains every seed
+    seeds = len(json.loads(params["seeds"])) if params.get("design") == "search" else 1
+    return views.from_store(views.StudyLayout(factors, objective, max(map(len, names), default=40)),
+                            client, experiment_id, int(total) * seeds if total.isdigit() else None)
 
 
 def prepare_experiment(client, experiment) -> Optional[views.StudyLayout]:

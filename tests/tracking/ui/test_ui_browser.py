@@ -11,9 +11,11 @@ fix and seed columns; grouped bar charts of F1 by a fix with two bars, of differ
 where the effect is real; the launch run's description with the verdicts and a working link to
 the report; report.html in MLflow's HTML preview with every figure drawn and the effects right
 under the verdicts; no relative link (`/context`) on a description; the curves sections before
-the outcome bars in the chart view; a run's description leading back to the study view, its
-cell's seeds (opened) and the report; the runs filtered by `tags.status`; one run's
-`train/loss` chart; optuna-dashboard's note that its importance is not the analysis. Ctrl-C stops
+the outcome bars in the chart view, and the outcomes that are the same in all 32 runs left out
+of it with a line saying so; a run's description leading back to the study view, its cell's
+seeds (opened) and the report; the runs filtered by `tags.status`; on a run's Model metrics tab
+the train and val curve sections before the outcome bars (`outcome.*`, in MLflow's unprefixed
+"Model metrics" section, last); one run's `train/loss` chart; optuna-dashboard's note that its importance is not the analysis. Ctrl-C stops
 the UI with no process left behind. Screenshots go to the test's tmp dir (printed) and, if set,
 to $CHORUS_SCREENSHOTS.
 
@@ -317,13 +319,14 @@ def test_ui_in_a_browser_runs_tags_chart_filter(study, ui, tmp_path):
             opened = _filter_by_status(page, diverged, others, shots)
             _run_page_chart(page, study, opened, shots)
             _parent_report(page, study, shots)
+            _curves_before_outcomes(page, study, others[0], shots)
         except BaseException:
             shots(page, "failure")
             raise
         finally:
             browser.close()
             print(f"\nscreenshots: {shots.dirs[0]}")
-    assert len(shots.taken) == 11
+    assert len(shots.taken) == 12
 
 
 # The run name's text is whole: no element between it and its table cell cuts it (ellipsis)
@@ -400,13 +403,24 @@ def _f1_bars(page, url: str, fix: str, shots, name: str, real: bool) -> None:
     rate = page.locator(".js-plotly-plot").nth(1).locator("g.point path")  # the second card
     expect(rate).to_have_count(2)  # divergence rate per group: lr 1e6 diverges in each group
     assert all(rate.nth(i).bounding_box()["width"] > 0 for i in range(2))
-    # the curves come right after the headline bars; the raw outcome/* bars last
-
-    def y(section: str) -> float:
-        return page.get_by_text(section, exact=True).first.bounding_box()["y"]  # its header
-
-    assert card.bounding_box()["y"] < y("train") < y("val") < y("outcome")
+    # what is the same in all 32 runs is not drawn, and a line under the bars says so: fp32
+    # runs have no scaler skips; half of the runs diverged, so the divergence rate is drawn
+    note = page.get_by_text(re.compile(rf"^not drawn, the same in all {RUNS} runs: "))
+    expect(note).to_be_visible()
+    assert "scaler_skips 0" in note.inner_text() and "diverged" not in note.inner_text()
+    # the curves come right after the headline bars; the outcome.* bars last (Model metrics)
+    assert card.bounding_box()["y"] < _y(page, "train") < _y(page, "val") < _y(
+        page, "Model metrics")
     shots(page, name)
+
+
+def _y(page, text: str) -> float:
+    """Where a section's header is, from the top: the lowest visible element with exactly that
+    text (a run page's "Model metrics" tab carries its section's name too)."""
+    found = page.get_by_text(text, exact=True)
+    expect(found.first).to_be_visible()
+    boxes = [found.nth(i).bounding_box() for i in range(found.count())]
+    return max(b["y"] for b in boxes if b)
 
 
 def _launch_description(page, study, url: str, shots) -> None:
@@ -498,6 +512,29 @@ def _run_page_chart(page, study, run, shots) -> None:
     line = chart.locator("path.js-line").first
     expect(line).to_have_attribute("d", re.compile(r"^M[\d.,e+-]+(L[\d.,e+-]+)+"))
     shots(page, "8-run-train-loss-chart")
+
+
+def _curves_before_outcomes(page, study, run, shots) -> None:
+    """A run's Model metrics tab (a run that did not diverge, so it has val curves): MLflow sorts
+    its sections by prefix and puts the unprefixed "Model metrics" last; the outcomes are
+    `outcome.*` (names.OUTCOME_PREFIX), so they come after the train and val curves, with no
+    `outcome` section before them."""
+    page.goto(f"{_base(page)}/#/experiments/{study['experiment_id']}/runs/{run.info.run_id}"
+              f"/model-metrics?workflowType=machine_learning")
+    expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
+    _close_assistant(page)
+    expect(page.get_by_text("val", exact=True).first).to_be_visible()
+    assert _y(page, "train") < _y(page, "val") < _y(page, "Model metrics")
+    expect(page.get_by_text("outcome", exact=True)).to_have_count(0)
+    section = page.get_by_text("Model metrics", exact=True).last
+    section.scroll_into_view_if_needed()
+    expect(page.get_by_text("outcome.epochs", exact=True).first).to_be_visible()  # its bars
+    assert _y(page, "outcome.epochs") > _y(page, "Model metrics")
+    shots(page, "8a-run-curves-before-outcomes")
+
+
+def _base(page) -> str:
+    return page.url.split("/#/")[0]
 
 
 def _links_back(page, study, run, shots) -> None:
