@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -35,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations.design import identity
 from ablations.design.designs import PlannedRun
 from ablations.design.spec import StudySpec
-from ablations.engine.storage import (adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
+from ablations.engine.storage import (RetryingRDBStorage, adopt_trial, handles, queue_lock, rdb, stale_trials, trial_id_of,
                                trial_states_by_user_attr, waiting_trial_ids)
 from ablations.engine.study import Plan
 
@@ -143,10 +144,15 @@ def _pop_one(study: optuna.Study, trial_id: int) -> bool:
     pop and its first beat would leave its run RUNNING forever; a beat on a WAITING trial is
     harmless (only RUNNING trials are checked, and the next claimer beats again)."""
     storage, study_id = handles(study)
-    if rdb(storage).heartbeat_interval:
+    backend = rdb(storage)
+    if backend.heartbeat_interval:
         storage.record_heartbeat(trial_id)
     try:
-        if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+        # (RetryingRDBStorage.pop_trial: a retried pop knows whether it was this one's)
+        popped = (backend.pop_trial(trial_id, f"{WORKER_ID}:{uuid.uuid4().hex}")
+                  if isinstance(backend, RetryingRDBStorage) else
+                  storage.set_trial_state_values(trial_id, state=TrialState.RUNNING))
+        if popped:
             adopt_trial(storage, study_id, trial_id)
             return True
     except UpdateFinishedTrialError:  # finished by someone else meanwhile

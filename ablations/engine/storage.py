@@ -36,6 +36,7 @@ wrongly declared stale is re-run (and the analysis still counts it once).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -137,13 +138,47 @@ class RetryingRDBStorage(RDBStorage):
                 if again and RDBStorage.get_trial(self, trial_id).state == state:
                     return True
                 raise
-            # Repeating a pop (WAITING -> RUNNING) that committed: the trial is RUNNING now and,
-            # since pops run under queue_lock, nobody else can have popped it.
+            # Repeating a pop (WAITING -> RUNNING) that committed: the trial is RUNNING now. (It
+            # may be another worker's pop if the fault also dropped queue_lock's connection; the
+            # queue's claims use pop_trial, which can tell. This path is Optuna's own pop, in
+            # study.ask for search designs.)
             if not ok and again and state == TrialState.RUNNING:
                 return RDBStorage.get_trial(self, trial_id).state == TrialState.RUNNING
             return ok
 
         return with_retry(once, "update trial state", on_retry=self._count)
+
+    def pop_trial(self, trial_id: int, token: str) -> bool:
+        """WAITING -> RUNNING for one trial, as Optuna's pop does, with `token` (unique to this
+        claim) written as the trial's system attribute `claim` in the same transaction. Returns
+        whether this call popped it.
+
+        A retry after a fault that may have committed cannot trust "it is RUNNING now, so it was
+        my pop": the fault that dropped this connection (a server restart, a network drop) also
+        dropped the one holding queue_lock, so another worker may have popped the trial between
+        the two tries, and both would run it. The token tells: it is this claim's only if this
+        call's transaction committed."""
+        attr = models.TrialSystemAttributeModel
+        value = json.dumps(token)
+        tried = False
+
+        def once() -> bool:
+            nonlocal tried
+            again, tried = tried, True
+            with sqlalchemy.orm.Session(self.engine) as session, session.begin():
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                if trial.state != TrialState.WAITING:
+                    return again and trial.state == TrialState.RUNNING and session.scalar(
+                        sqlalchemy.select(attr.value_json).where(
+                            attr.trial_id == trial_id, attr.key == "claim")) == value
+                trial.state = TrialState.RUNNING
+                trial.datetime_start = datetime.datetime.now()  # (as Optuna's pop)
+                session.execute(sqlalchemy.delete(attr).where(attr.trial_id == trial_id,
+                                                              attr.key == "claim"))
+                session.add(attr(trial_id=trial_id, key="claim", value_json=value))
+            return True
+
+        return with_retry(once, "claim a trial", on_retry=self._count)
 
     def enqueue_trials(self, study_id: int, trials: list[tuple[dict[str, Any], dict[str, Any]]]) -> int:
         """Queue WAITING trials, one per (fixed params, user attrs), in one transaction.

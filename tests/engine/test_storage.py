@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
+import sqlalchemy.orm
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -222,6 +223,49 @@ def test_a_retried_tell_that_had_committed_counts_as_done(tmp_path, monkeypatch)
     study.tell(trial, 0.5)
     assert len(calls) == 2
     assert study.get_trials()[0].state == TrialState.COMPLETE and study.get_trials()[0].value == 0.5
+
+
+def test_a_retried_pop_is_ours_only_if_our_try_committed(tmp_path, monkeypatch):
+    """A fault after a pop's commit: the retry finds the trial RUNNING with this claim's token
+    (ours). A fault before the commit while another worker popped the trial meanwhile (the fault
+    also dropped queue_lock's connection): RUNNING too, but with the other's token (not ours)."""
+    storage = st.open_storage(f"sqlite:///{tmp_path}/p.db")
+    study = optuna.create_study(study_name="p", storage=storage)
+    for i in range(2):
+        study.enqueue_trial({"x": i})
+    first, second = [t._trial_id for t in study.get_trials()]
+    dropped = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    real_session = sqlalchemy.orm.Session
+    calls = []
+
+    class Faulty(real_session):  # the first try: commit (or not), then the connection "drops"
+        def __exit__(self, *exc):
+            out = super().__exit__(*exc)
+            calls.append(1)
+            if len(calls) == 1:
+                raise dropped
+            return out
+
+    monkeypatch.setattr(sqlalchemy.orm, "Session", Faulty)
+    assert storage.pop_trial(first, "mine") is True  # committed, then the fault: ours
+    assert storage.get_trial(first).state == TrialState.RUNNING
+
+    calls.clear()
+    real_pop = st.RetryingRDBStorage.pop_trial
+    monkeypatch.setattr(sqlalchemy.orm, "Session", real_session)
+
+    class Lost(real_session):
+        def __enter__(self):
+            if not calls:
+                calls.append(1)
+                real_pop(storage, second, "theirs")  # another worker, its lock free meanwhile
+                raise dropped
+            return super().__enter__()
+
+    monkeypatch.setattr(sqlalchemy.orm, "Session", Lost)
+    assert storage.pop_trial(second, "mine") is False  # RUNNING, but not ours
+    monkeypatch.setattr(sqlalchemy.orm, "Session", real_session)
+    assert storage.get_trial(second).system_attrs["claim"] == "theirs"
 
 
 def test_transient_faults_are_told_from_configuration_errors():
@@ -594,14 +638,14 @@ def test_a_worker_killed_right_after_claiming_a_run_is_still_found_lost(tiny_stu
     declares a RUNNING trial without a heartbeat stale)."""
     monkeypatch.chdir(tmp_path)
     q = Queued(tmp_path, tiny_study(tmp_path, "gap", ONE_FIX))
-    real = st.RetryingRDBStorage.set_trial_state_values
+    real = st.RetryingRDBStorage.pop_trial
 
-    def commit_then_die(self, trial_id, state, values=None):
-        real(self, trial_id, state, values)
+    def commit_then_die(self, trial_id, token):
+        real(self, trial_id, token)
         raise KeyboardInterrupt  # stands in for SIGKILL right after the commit
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(st.RetryingRDBStorage, "set_trial_state_values", commit_then_die)
+        m.setattr(st.RetryingRDBStorage, "pop_trial", commit_then_die)
         q.claim()
     (running,) = [t for t in q.study.get_trials() if t.state == TrialState.RUNNING]
     time.sleep(3)  # > CHORUS_GRACE_S
