@@ -323,7 +323,8 @@ def instability_estimates(runs: pd.DataFrame, factors: list[str], fix: str,
         for col, label in INSTABILITY.items():
             rd = rates.rate_difference(sub, fix, col, [g for g in factors if g != fix])
             out.append(ClaimEstimate(label + where, rd.diff, rd.low, rd.high, rd.p, "lower",
-                                     (rd.events_on, rd.n_on, rd.events_off, rd.n_off), rd.method))
+                                     (rd.events_on, rd.n_on, rd.events_off, rd.n_off), rd.method,
+                                     pairs=rd.pairs))
     return out
 
 
@@ -333,7 +334,8 @@ def background_estimates(tests: pd.DataFrame) -> dict[str, list[ClaimEstimate]]:
     labels = {**INSTABILITY, "edge_shift": "edge shift (log10 LR50)",
               "unstable_rate": "unstable rate"}
     out: dict[str, list[ClaimEstimate]] = {}
-    for r in tests.itertuples():
+    pairs = tests["_pairs"].tolist() if "_pairs" in tests else [None] * len(tests)
+    for r, pr in zip(tests.itertuples(), pairs):
         where = r.background + ("" if r.regime == "all" else f", {r.regime}")
         counts = None
         if isinstance(getattr(r, "counts", ""), str) and " vs " in r.counts:
@@ -343,7 +345,8 @@ def background_estimates(tests: pd.DataFrame) -> dict[str, list[ClaimEstimate]]:
         out.setdefault(r.fix, []).append(ClaimEstimate(
             labels.get(r.outcome, r.outcome), r.effect, r.low, r.high, r.p, better, counts,
             getattr(r, "method", ""), where, not bool(r.untested),
-            getattr(r, "shown", "") if r.outcome == "edge_shift" else ""))
+            getattr(r, "shown", "") if r.outcome == "edge_shift" else "",
+            pairs=tuple(int(v) for v in pr) if isinstance(pr, tuple) else None))
     return out
 
 
@@ -386,7 +389,8 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
     the estimates of `claim_estimates` by the rule in `ablations.results.verdicts.RULE` (Holm across every
     test judged here). The F1 effect is shown next to it as context, not as evidence.
     """
-    columns = ["fix", "critical", "claim", "verdict", "evidence", "reason", "decisive"]
+    columns = ["fix", "critical", "claim", "verdict", "evidence", "reason", "decisive",
+               "fragility"]
     if effects.empty:
         return pd.DataFrame(columns=columns)
     claims = claims if claims is not None else claim_estimates(
@@ -406,7 +410,7 @@ def verdicts(effects: pd.DataFrame, runs: pd.DataFrame,
                     if p is not None and p < ALPHA]  # the tests a verdict rests on
         rows.append({"fix": name, "critical": fixes[name].critical, "claim": fixes[name].claim,
                      "verdict": v.verdict, "evidence": sentence, "reason": v.reason,
-                     "decisive": decisive})
+                     "decisive": decisive, "fragility": v.fragility})
     return pd.DataFrame(rows, columns=columns)
 
 

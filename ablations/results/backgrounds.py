@@ -220,7 +220,7 @@ def rate_tests(runs: pd.DataFrame, design: Sequence[str], stress: Sequence[str],
                          "outcome": out, "counts": rd.counts(), "effect": rd.diff,
                          "low": rd.low, "high": rd.high, "p": rd.p, "n": len(j),
                          "untested": rd.untested or rd.events_on == rd.n_on == rd.events_off,
-                         "method": rd.method})
+                         "method": rd.method, "_pairs": rd.pairs})
     return agreement(pd.DataFrame(rows))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ class RateDiff:
     p: float
     paired: bool
     method: str
+    pairs: Optional[tuple[int, int, int, int]] = None  # paired: (both, on_only, off_only, neither)
 
     @property
     def untested(self) -> bool:
@@ -116,7 +117,7 @@ def rate_diff_indep(x1: int, n1: int, x0: int, n0: int) -> RateDiff:
         return RateDiff(x1, n1, x0, n0, math.nan, math.nan, math.nan, math.nan, False, "n/a")
     d = x1 / n1 - x0 / n0
     lo, hi = newcombe_indep(x1, n1, x0, n0)
-    p = ci_pvalue(lambda a: newcombe_indep(x1, n1, x0, n0, a), d)
+    p = indep_p(x1, n1, x0, n0)
     return RateDiff(x1, n1, x0, n0, d, lo, hi, p, False, "Newcombe hybrid score")
 
 
@@ -130,9 +131,21 @@ def rate_diff_paired(on: Sequence[float], off: Sequence[float]) -> RateDiff:
         return RateDiff(0, 0, 0, 0, math.nan, math.nan, math.nan, math.nan, True, "n/a")
     d = (on_only - off_only) / n
     lo, hi = newcombe_paired(both, on_only, off_only, neither)
-    p = ci_pvalue(lambda a: newcombe_paired(both, on_only, off_only, neither, a), d)
-    return RateDiff(int(on.sum()), n, int(off.sum()), n, d, lo, hi, p, True,
-                    "Newcombe paired score")
+    return RateDiff(int(on.sum()), n, int(off.sum()), n, d, lo, hi,
+                    paired_p(both, on_only, off_only, neither), True, "Newcombe paired score",
+                    (both, on_only, off_only, neither))
+
+
+def paired_p(both: int, on_only: int, off_only: int, neither: int) -> float:
+    """p of the paired interval (see rate_diff_paired), from the four kinds of pair."""
+    n = both + on_only + off_only + neither
+    d = (on_only - off_only) / n if n else math.nan
+    return ci_pvalue(lambda a: newcombe_paired(both, on_only, off_only, neither, a), d)
+
+
+def indep_p(x1: int, n1: int, x0: int, n0: int) -> float:
+    """p of the independent interval (see rate_diff_indep)."""
+    return ci_pvalue(lambda a: newcombe_indep(x1, n1, x0, n0, a), x1 / n1 - x0 / n0)
 
 
 def rate_difference(runs: pd.DataFrame, factor: str, outcome: str, others: Sequence[str],

@@ -312,6 +312,10 @@ def run_summary(rep: Report) -> tuple[list[tuple[str, str]], str, str, int]:
     return verdicts, table, analysis.critical_agreement(rep.verdicts), len(rep.runs)
 
 
+def _runs(n: int) -> str:
+    return "one run" if n == 1 else f"{n} runs"
+
+
 def verdict_lines(rep: Report) -> list[str]:
     """The verdicts as short lines for the terminal."""
     if rep.design == "search":
@@ -323,6 +327,10 @@ def verdict_lines(rep: Report) -> list[str]:
         head = r.reason.split(". ")[0].split(": ", 1)[-1]
         out.append(f"  {r.fix:<15} {r.verdict:<12} {head[:240]}")
         out += [f"  {'':<15} {'':<12} {d}" for d in getattr(r, "decisive", None) or []]
+        frag = getattr(r, "fragility", None)
+        if frag is not None and frag == frag:  # (NaN where the verdict has none)
+            out.append(f"  {'':<15} {'':<12} fragility {int(frag)}: {_runs(int(frag))} with the "
+                       f"other outcome (failed / not failed) would undo it")
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
     if not rep.stability_effects.empty:

@@ -414,7 +414,8 @@ def _unstable_row(ga: pd.DataFrame, gb: pd.DataFrame, a: pd.DataFrame, b: pd.Dat
     return {"outcome": "unstable_rate", "effect": rd.diff, "low": rd.low, "high": rd.high,
             "p": rd.p, "n": len(j), "shown": shown,
             "note": f"{axis} >= {start:g}" if math.isfinite(start) else f"every {axis}",
-            "better": OUTCOMES["unstable_rate"][0], "untested": untested, "counts": rd.counts()}
+            "better": OUTCOMES["unstable_rate"][0], "untested": untested, "counts": rd.counts(),
+            "_pairs": rd.pairs}
 
 
 def _lrs_row(ga: pd.DataFrame, gb: pd.DataFrame, axis: str) -> dict:

@@ -34,7 +34,9 @@ RULE = (
     "missing, or only where they are present); *inconclusive* when no adjusted p is below 0.05 "
     "(no effect shown: this is not evidence of no effect), or when outcomes disagree within one "
     "background; *untested* when every test it is about is untested. Each verdict names the "
-    "background and regime it rests on.")
+    "background and regime it rests on. A supported or refuted verdict that rests on rate tests "
+    "also gives its fragility (Walsh et al. 2014): the fewest runs whose outcome, changed, would "
+    "leave none of those tests significant after the same correction.")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,16 @@ class ClaimEstimate:
     background: str = ""  # e.g. "added to broken, precision=fp16": where the test was made
     testable: Optional[bool] = None  # set by the caller where counts cannot tell (edges)
     shown: str = ""  # the estimate as printed, where it is not a plain number (censored edges)
+    pairs: Optional[tuple[int, int, int, int]] = None  # paired rates: (both, on_only, off_only, neither)
+
+    @property
+    def table(self) -> Optional[tuple[tuple[int, int, int, int], bool]]:
+        """(table, paired) of a rate test, for its fragility; None for other tests (edges)."""
+        if self.pairs is not None:
+            return self.pairs, True
+        if self.counts is not None and self.method.startswith("Newcombe hybrid"):
+            return self.counts, False
+        return None
 
     @property
     def untested(self) -> bool:
@@ -80,6 +92,7 @@ class Verdict:
     verdict: str  # supported | refuted | background-dependent | inconclusive | untested
     reason: str
     adjusted_p: tuple[Optional[float], ...]  # per estimate, in order; None where untested
+    fragility: Optional[int] = None  # supported / refuted on rate tests: runs it hangs on
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -151,5 +164,39 @@ def judge(claims: Mapping[str, Sequence[ClaimEstimate]], alpha: float = ALPHA) -
             head = "inconclusive: outcomes disagree"
         else:
             head = f"inconclusive: no test differs at adjusted p < {alpha:g} ({m} tests)"
-        out[name] = Verdict(verdict, head + ". " + "; ".join(parts) + ".", tuple(adj[name]))
+        decisive = [i for i, e in enumerate(ests) if any(e is d for d in improves or worsens)]
+        frag = (_fragility(claims, family, decisive, name, alpha)
+                if verdict in ("supported", "refuted") else None)
+        tail = (f" Fragility {frag}: {'one run' if frag == 1 else f'{frag} runs'} with the "
+                f"other outcome (failed / not failed) would leave none of the tests it rests on "
+                f"significant (Walsh et al. 2014)." if frag is not None else "")
+        out[name] = Verdict(verdict, head + ". " + "; ".join(parts) + "." + tail,
+                            tuple(adj[name]), frag)
     return out
+
+
+def _fragility(claims: Mapping[str, Sequence[ClaimEstimate]], family: list[tuple[str, int]],
+               decisive: Sequence[int], name: str, alpha: float) -> Optional[int]:
+    """The fewest runs whose outcome, changed, would leave none of claim `name`'s `decisive`
+    tests significant after Holm over the whole family (the other tests' p held fixed). One test
+    after the other, weakest first, each starting from the p the previous ones were left at.
+    None where a decisive test is not a rate test (an edge shift) or a test needs over 50."""
+    from ablations.results.fragility import fragility
+
+    ps = [claims[n][i].p for n, i in family]
+    where = {key: k for k, key in enumerate(family)}
+    total = 0
+    for i in sorted(decisive, key=lambda i: -claims[name][i].p):
+        est = claims[name][i]
+        if est.table is None:
+            return None
+        k = where[(name, i)]
+
+        def significant(p: float, k: int = k) -> bool:
+            return holm(ps[:k] + [p] + ps[k + 1:])[k] < alpha
+
+        n, ps[k] = fragility(*est.table, significant)
+        if n is None:
+            return None
+        total += n
+    return total
