@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 from ablations.results import rates
 
+LIMIT = 50  # changes searched per test; a verdict past it reads "more than 50 runs"
+
 Table = tuple[int, int, int, int]
 """Paired: (both, on_only, off_only, neither) pairs. Independent: (x_on, n_on, x_off, n_off)."""
 
@@ -64,8 +66,13 @@ def _estimate(table: Table, paired: bool) -> float:
     return x1 / n1 - x0 / n0
 
 
+def runs_text(n: int) -> str:
+    """A fragility in words: 'one run', '4 runs', 'more than 50 runs' (past LIMIT)."""
+    return "one run" if n == 1 else f"more than {LIMIT} runs" if n > LIMIT else f"{n} runs"
+
+
 def fragility(table: Table, paired: bool, significant: Callable[[float], bool],
-              limit: int = 50) -> tuple[Optional[int], float]:
+              limit: int = LIMIT) -> tuple[Optional[int], float]:
     """(changes, p after them): the fewest one-run changes after which `significant(p)` is false,
     0 if it already is; (None, p) where `limit` changes were not enough."""
     p, k = p_value(table, paired), 0

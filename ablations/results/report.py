@@ -20,6 +20,7 @@ from ablations.results import analysis, backgrounds, effects as fx, rates, stabi
 from ablations.results.figures import (CURVE_METRICS, fig_curves,  # noqa: F401 (also report.fig_*)
                                        fig_divergence_heatmap, fig_effects, fig_first_nonfinite,
                                        fig_half_normal, fig_path)
+from ablations.results.fragility import runs_text
 from ablations.results.verdicts import RULE
 from model.recipe import Recipe
 
@@ -312,10 +313,6 @@ def run_summary(rep: Report) -> tuple[list[tuple[str, str]], str, str, int]:
     return verdicts, table, analysis.critical_agreement(rep.verdicts), len(rep.runs)
 
 
-def _runs(n: int) -> str:
-    return "one run" if n == 1 else f"{n} runs"
-
-
 def verdict_lines(rep: Report) -> list[str]:
     """The verdicts as short lines for the terminal."""
     if rep.design == "search":
@@ -329,8 +326,8 @@ def verdict_lines(rep: Report) -> list[str]:
         out += [f"  {'':<15} {'':<12} {d}" for d in getattr(r, "decisive", None) or []]
         frag = getattr(r, "fragility", None)
         if frag is not None and frag == frag:  # (NaN where the verdict has none)
-            out.append(f"  {'':<15} {'':<12} fragility {int(frag)}: {_runs(int(frag))} with the "
-                       f"other outcome (failed / not failed) would undo it")
+            out.append(f"  {'':<15} {'':<12} fragility: {runs_text(int(frag))} with the other "
+                       f"outcome (failed / not failed) would undo it")
     if not rep.verdicts.empty:
         out.append("  " + analysis.critical_agreement(rep.verdicts))
     if not rep.stability_effects.empty:

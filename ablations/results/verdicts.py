@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+from ablations.results.fragility import LIMIT, fragility, runs_text
+
 ALPHA = 0.05
 
 RULE = (
@@ -167,9 +169,9 @@ def judge(claims: Mapping[str, Sequence[ClaimEstimate]], alpha: float = ALPHA) -
         decisive = [i for i, e in enumerate(ests) if any(e is d for d in improves or worsens)]
         frag = (_fragility(claims, family, decisive, name, alpha)
                 if verdict in ("supported", "refuted") else None)
-        tail = (f" Fragility {frag}: {'one run' if frag == 1 else f'{frag} runs'} with the "
-                f"other outcome (failed / not failed) would leave none of the tests it rests on "
-                f"significant (Walsh et al. 2014)." if frag is not None else "")
+        tail = (f" Fragility: {runs_text(frag)} with the other outcome (failed / not failed) "
+                f"would leave none of the tests it rests on significant (Walsh et al. 2014)."
+                if frag is not None else "")
         out[name] = Verdict(verdict, head + ". " + "; ".join(parts) + "." + tail,
                             tuple(adj[name]), frag)
     return out
@@ -180,8 +182,8 @@ def _fragility(claims: Mapping[str, Sequence[ClaimEstimate]], family: list[tuple
     """The fewest runs whose outcome, changed, would leave none of claim `name`'s `decisive`
     tests significant after Holm over the whole family (the other tests' p held fixed). One test
     after the other, weakest first, each starting from the p the previous ones were left at.
-    None where a decisive test is not a rate test (an edge shift) or a test needs over 50."""
-    from ablations.results.fragility import fragility
+    None where a decisive test is not a rate test (an edge shift); LIMIT + 1 where a test needs
+    more than LIMIT."""
 
     ps = [claims[n][i].p for n, i in family]
     where = {key: k for k, key in enumerate(family)}
@@ -197,6 +199,6 @@ def _fragility(claims: Mapping[str, Sequence[ClaimEstimate]], family: list[tuple
 
         n, ps[k] = fragility(*est.table, significant)
         if n is None:
-            return None
+            return LIMIT + 1
         total += n
-    return total
+    return min(total, LIMIT + 1)

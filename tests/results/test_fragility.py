@@ -74,7 +74,7 @@ def _paired(pairs, background="added to broken"):
 def test_verdict_fragility_uses_holms_level_and_adds_up_over_its_tests():
     alone = judge({"x": [_paired((0, 0, 9, 0))]})["x"]
     assert alone.verdict == "supported" and alone.fragility == 4
-    assert "Fragility 4: 4 runs" in alone.reason
+    assert "Fragility: 4 runs with the other outcome" in alone.reason
     # among 20 other tests (p 0.5), the level is Holm's: fewer runs undo it
     noise = [ClaimEstimate("collapse rate", 0.0, -0.2, 0.2, 0.5) for _ in range(20)]
     crowded = judge({"x": [_paired((0, 0, 9, 0))], "y": noise})["x"]
@@ -137,3 +137,12 @@ def test_runs_to_verdict_carry_their_pairs():
     ps = [e.p for e in claims["bias_init"] if not e.untested]
     first = fragility((0, 0, 5, 0), True, lambda p: holm([p] + ps[1:])[0] < 0.05)[0]
     assert v.loc["bias_init", "fragility"] == judge(claims)["bias_init"].fragility >= first >= 1
+
+
+def test_a_verdict_past_the_search_limit_reads_more_than_it():
+    from ablations.results.fragility import LIMIT, runs_text
+
+    big = _paired((0, 0, 120, 0))  # 0/120 vs 120/120 pairs
+    v = judge({"x": [big]})["x"]
+    assert v.fragility == LIMIT + 1 and f"more than {LIMIT} runs" in v.reason
+    assert runs_text(1) == "one run" and runs_text(3) == "3 runs"
