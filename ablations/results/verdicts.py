@@ -56,7 +56,7 @@ class ClaimEstimate:
     background: str = ""  # e.g. "added to broken, precision=fp16": where the test was made
     testable: Optional[bool] = None  # set by the caller where counts cannot tell (edges)
     shown: str = ""  # the estimate as printed, where it is not a plain number (censored edges)
-    pairs: Optional[tuple[int, int, int, int]] = None  # paired rates: (both, on_only, off_only, neither)
+    pairs: Optional[tuple[int, int, int, int]] = None  # paired: (both, on_only, off_only, neither)
 
     @property
     def table(self) -> Optional[tuple[tuple[int, int, int, int], bool]]:
@@ -184,7 +184,6 @@ def _fragility(claims: Mapping[str, Sequence[ClaimEstimate]], family: list[tuple
     after the other, weakest first, each starting from the p the previous ones were left at.
     None where a decisive test is not a rate test (an edge shift); LIMIT + 1 where a test needs
     more than LIMIT."""
-
     ps = [claims[n][i].p for n, i in family]
     where = {key: k for k, key in enumerate(family)}
     total = 0
