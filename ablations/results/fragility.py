@@ -86,7 +86,7 @@ def fragility(table: Table, paired: bool, significant: Callable[[float], bool],
 
 
 def exhaustive(table: Table, paired: bool, significant: Callable[[float], bool],
-               limit: int = 50) -> Optional[int]:
+               limit: int = LIMIT) -> Optional[int]:
     """The exact minimum by breadth-first search (for tests: it visits every table in reach)."""
     seen, queue = {table}, deque([(table, 0)])
     while queue:
